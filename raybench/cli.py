@@ -8,12 +8,40 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
 from raybench.metrics import KLOM_VERSION, VARIANTS, klom_details, summarize
+
+EXIT_BAD_INPUT = 2
+
+
+def _progress(message: str) -> None:
+    click.echo(f"[raybench] {message}", err=True)
+
+
+def _parse_params(items: tuple[str, ...]) -> dict:
+    """``--param finetune.lr=0.01,0.05`` -> {"finetune": {"lr": [0.01, 0.05]}} (a list is a sweep)."""
+    params: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.rpartition(".")  # the last dot: plugin names (pkg.mod:fn) contain dots
+        if not sep or not dot or not method or not name:
+            raise click.BadParameter(f"{item!r}: expected METHOD.NAME=VALUE[,VALUE…]", param_hint="--param")
+        values = [_parse_value(v) for v in raw.split(",")]
+        params.setdefault(method, {})[name] = values if len(values) > 1 or name == "epochs" else values[0]
+    return params
+
+
+def _parse_value(text: str) -> object:
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _load_matrix(path: str) -> np.ndarray:
@@ -52,6 +80,92 @@ def klom_command(unlearned: str, oracle: str, variant: str, bins: int, out: str 
         "klom_version": KLOM_VERSION, "variant": variant,
     }
     click.echo(json.dumps(row, indent=2))
+
+
+def _config_options(fn):
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (TOML)."),
+        click.option("--methods", help="'all' or comma-separated method names (see `raybench methods`)."),
+        click.option("--dataset", help="Data set (default: digits, embedded, no download)."),
+        click.option("--arch", help="Model architecture (default: the data set's)."),
+        click.option("--n-models", type=int, help="Originals and oracles per forget set (default 100)."),
+        click.option("--forget-sets", help="Comma-separated built-in ids or .npy/.txt files (default 1,2,3)."),
+        click.option("--param", "params", multiple=True,
+                     help="Method parameter METHOD.NAME=VALUE; several values (comma-separated) sweep."),
+        click.option("--block-size", type=int, help="Models per Ray call, trained stacked (default 50)."),
+        click.option("--out", help="Run folder: a path or a pyarrow URI (s3://, gs://). Default runs/<id>."),
+        click.option("--address", help="Join this Ray cluster (default: RAY_ADDRESS, else a local Ray)."),
+        click.option("--num-cpus", type=int, help="CPUs of the local Ray."),
+        click.option("--num-gpus", type=int, help="GPUs of the local Ray."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("run")
+@_config_options
+@click.pass_context
+def run_command(ctx: click.Context, config_path: str | None, params: tuple[str, ...], **options: object) -> None:
+    """Train originals and oracles, unlearn, store margins as Parquet, and print the KLOM summary.
+
+    Rerunning with the same --out resumes: finished units are never recomputed.
+    """
+    from raybench.config import ConfigError, build_config
+    from raybench.engine import EngineError, execute
+    from raybench.reduce import reduce_run, write_summary
+    from raybench.report import summary_table
+    from raybench.store import StoreError
+
+    verbose = ctx.find_root().params.get("verbose", 0) > 0
+    try:
+        cli_params = _parse_params(params)
+        config = build_config(config_path, params=cli_params or None, **options)
+        plan, store, report = execute(config, verbose=verbose, progress=_progress)
+        rows = reduce_run(store, forget_sets=list(plan.forget_sets),
+                          methods=[(r.method.name, _params_json(r.params)) for r in plan.method_runs])
+        write_summary(store, rows)
+    except (ConfigError, StoreError) as err:
+        raise click.UsageError(str(err)) from err
+    except EngineError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
+    click.echo(summary_table(rows))
+    share = f", {100 * report.model_share():.0f}% of worker time in model work" if report.units_run else ""
+    click.echo(f"\nrun {report.run_id}: {report.units_run} units run, {report.units_skipped} already complete, "
+               f"{report.wall_s:.1f} s{share}; results in {store.uri}/summary.csv")
+
+
+def _params_json(params: dict) -> str:
+    from raybench.methods import params_json
+
+    return params_json(params)
+
+
+@main.command("reduce")
+@click.argument("out")
+def reduce_command(out: str) -> None:
+    """Recompute summary.csv / summary.json of a run folder from its Parquet margins alone."""
+    from raybench.reduce import reduce_run, write_summary
+    from raybench.report import summary_table
+    from raybench.store import RunStore, StoreError
+
+    try:
+        store = RunStore(out)
+        rows = reduce_run(store)
+        write_summary(store, rows)
+    except StoreError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(summary_table(rows))
+
+
+@main.command("methods")
+def methods_command() -> None:
+    """List the registered unlearning methods, one per line."""
+    from raybench.methods import available_methods
+
+    for method in available_methods().values():
+        click.echo(f"{method.name:<18} {method.description}")
 
 
 if __name__ == "__main__":

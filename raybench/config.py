@@ -1,0 +1,152 @@
+"""RunConfig: what a run computes, from defaults, a TOML file (``jobs/*.toml``) and CLI overrides, validated.
+
+Precedence: CLI option > TOML file > default. Everything is validated here, before Ray starts, so a typo costs
+an exit code 2 and a clear message, not a cluster allocation.
+
+TOML keys mirror the CLI (``dataset``, ``arch``, ``n_models``, ``forget_sets``, ``methods``, ``block_size``,
+``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``), plus tables ``[recipe]`` (base
+training overrides) and ``[params.<method>]`` (method parameters; a list value sweeps over its items, except
+``epochs``, the list of snapshots to score).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raybench.data import DATASETS
+from raybench.ids import digest
+from raybench.models import ARCHS
+from raybench.training import Recipe, default_recipe
+
+DEFAULT_ARCH = {"digits": "mlp", "cifar10": "resnet9"}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: reported to the user with exit code 2."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dataset: str = "digits"
+    arch: str = ""  # empty: the dataset's default
+    n_models: int = 100
+    forget_sets: tuple[str, ...] = ("1", "2", "3")
+    methods: tuple[str, ...] = ("all",)
+    params: dict = field(default_factory=dict)  # method -> {param: value or list (sweep)}
+    recipe: dict = field(default_factory=dict)  # overrides of the dataset/arch default recipe
+    block_size: int = 50  # models per Ray call (a stacked block)
+    chunk_size: int = 8192  # samples per Parquet row
+    seed: int = 0
+    out: str = ""  # empty: runs/<dataset>-<run id>
+    address: str = ""  # empty: start a local Ray (or join RAY_ADDRESS when set)
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+
+    @property
+    def resolved_arch(self) -> str:
+        return self.arch or DEFAULT_ARCH.get(self.dataset, "mlp")
+
+    def resolved_recipe(self) -> Recipe:
+        base = default_recipe(self.dataset, self.resolved_arch).to_dict()
+        unknown = sorted(set(self.recipe) - set(base))
+        if unknown:
+            raise ConfigError(f"unknown recipe key(s) {', '.join(unknown)}; known: {', '.join(sorted(base))}")
+        try:
+            return Recipe(**{**base, **self.recipe})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad recipe: {err}") from err
+
+    def identity(self) -> dict:
+        """What gives stored units their meaning; two configs with equal identity can share a run folder."""
+        return {
+            "dataset": self.dataset,
+            "arch": self.resolved_arch,
+            "recipe": self.resolved_recipe().to_dict(),
+            "n_models": self.n_models,
+            "block_size": self.block_size,
+            "chunk_size": self.chunk_size,
+            "seed": self.seed,
+        }
+
+    def output_uri(self) -> str:
+        return self.out or str(Path("runs") / f"{self.dataset}-{digest(self.identity(), 8)}")
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def build_config(toml_path: str | None = None, **cli: object) -> RunConfig:
+    """Defaults < TOML < CLI (``None`` CLI values mean "not given"), then validation."""
+    values: dict = {}
+    if toml_path:
+        values.update(load_toml(toml_path))
+    for key, value in cli.items():
+        if value is None:
+            continue
+        if key in ("params", "recipe") and isinstance(values.get(key), dict):
+            merged = {m: dict(p) for m, p in values[key].items()} if key == "params" else dict(values[key])
+            for k, v in value.items():
+                merged[k] = {**merged.get(k, {}), **v} if key == "params" else v
+            values[key] = merged
+        else:
+            values[key] = value
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    for key in ("forget_sets", "methods"):
+        if key in values:
+            values[key] = _as_names(values[key], key)
+    config = RunConfig(**values)
+    validate(config)
+    return config
+
+
+def _as_names(value: object, key: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{key} must be a list or a comma-separated string, got {value!r}")
+    names = tuple(str(v).strip() for v in items if str(v).strip())
+    if not names:
+        raise ConfigError(f"{key} is empty")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key} lists an entry twice: {', '.join(names)}")
+    return names
+
+
+def validate(config: RunConfig) -> None:
+    if config.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    if config.resolved_arch not in ARCHS:
+        raise ConfigError(f"unknown arch {config.arch!r}; known: {', '.join(ARCHS)}")
+    for key in ("n_models", "block_size", "chunk_size"):
+        value = getattr(config, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if config.n_models < 2:
+        raise ConfigError("n_models must be at least 2: KLOM compares distributions over models")
+    for key in ("num_cpus", "num_gpus"):
+        value = getattr(config, key)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+    if not isinstance(config.params, dict) or not all(isinstance(v, dict) for v in config.params.values()):
+        raise ConfigError("params must be a table of tables: [params.<method>] key = value")
+    config.resolved_recipe()
+    remote = bool(config.address) or bool(os.environ.get("RAY_ADDRESS"))
+    out = config.output_uri()
+    if remote and "://" not in out and not os.path.isabs(out):
+        raise ConfigError(
+            f"--out {out!r} is relative but the run joins a Ray cluster: on a cluster, relative paths land in the "
+            "job's temporary working dir; give an absolute path on shared storage or a URI (s3://, gs://)"
+        )

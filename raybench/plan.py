@@ -1,0 +1,152 @@
+"""Plan: expand a RunConfig into work units with stable ids. Pure: no Ray, no files.
+
+Units:
+* ``train`` — a block of M models of one role: ``original`` (all train samples; forget set ``none``, shared by
+  every forget set) or ``oracle`` (train minus one forget set).
+* ``unlearn`` — one method with one parameter combination on one block of originals for one forget set; it
+  depends on the ``train`` unit of those originals (it loads their checkpoint).
+* ``train`` with role ``matching_oracle`` — for oracle-matching methods only: oracles trained on the retain set
+  with their own seeds, so the oracles a method fine-tunes against are never the ones that score it
+  (METHODS.md §3.3); unlearn units of such methods also depend on them.
+
+``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
+A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raybench.config import ConfigError, RunConfig
+from raybench.data import Dataset, ForgetSet, resolve_forget_set
+from raybench.ids import digest, ensemble_seeds, model_seed
+from raybench.methods import Method, expand_grid, params_json, resolve_methods, snapshot_epochs
+
+NO_FORGET_SET = "none"  # forget_set of originals: they are trained on all train samples
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One Ray call's worth of work; a plain, picklable description (the worker rebuilds everything from it)."""
+
+    id: str
+    kind: str  # "train" | "unlearn"
+    role: str  # "original" | "oracle" | "unlearned"
+    forget_set: str
+    model_ids: tuple[int, ...]
+    seeds: tuple[int, ...]
+    method: str = "none"
+    params: dict = field(default_factory=dict)
+    epochs: tuple[int, ...] = ()
+    depends_on: tuple[str, ...] = ()  # unlearn: the originals' train unit, then any matching-oracle units
+    method_seed: int = 0
+
+    @property
+    def params_json(self) -> str:
+        return params_json(self.params)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.model_ids)
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method with one parameter combination, as it appears in the summary."""
+
+    method: Method
+    params: dict
+    epochs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: RunConfig
+    forget_sets: dict[str, ForgetSet]
+    method_runs: tuple[MethodRun, ...]
+    units: tuple[Unit, ...]
+
+    def units_of(self, kind: str) -> list[Unit]:
+        return [u for u in self.units if u.kind == kind]
+
+
+def _blocks(n: int, size: int) -> list[tuple[int, ...]]:
+    return [tuple(range(start, min(n, start + size))) for start in range(0, n, size)]
+
+
+def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, method_runs: list[MethodRun],
+                      identity: dict) -> list[Unit]:
+    """Train units for the oracles that oracle-matching methods fine-tune against (disjoint seeds)."""
+    counts = [int(r.params.get("num_oracles", 1)) for r in method_runs if r.method.needs_oracles]
+    if not counts:
+        return []
+    if min(counts) < 1:
+        raise ConfigError(f"num_oracles must be at least 1, got {min(counts)}")
+    units = []
+    all_seeds = ensemble_seeds(config.seed, "matching_oracle", fs_id, n=max(counts))
+    for ids in _blocks(max(counts), config.block_size):
+        seeds = tuple(all_seeds[i] for i in ids)
+        unit_id = digest({"kind": "train", "role": "matching_oracle", "forget": fs_digest, "seeds": seeds,
+                          "identity": identity})
+        units.append(Unit(unit_id, "train", "matching_oracle", fs_id, ids, seeds))
+    return units
+
+
+def make_plan(config: RunConfig, dataset: Dataset) -> Plan:
+    """All units of ``config``, originals first, then oracles, then unlearning (a valid execution order)."""
+    identity = config.identity()
+    try:
+        resolved = [resolve_forget_set(spec, dataset) for spec in config.forget_sets]
+        methods = resolve_methods(config.methods)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    forget_sets = {fs.id: fs for fs in resolved}  # keyed by id: a file's id is its stem
+    if len(forget_sets) != len(resolved):
+        raise ConfigError(f"two forget sets share an id: {', '.join(fs.id for fs in resolved)} (rename a file)")
+    unknown = sorted(set(config.params) - {m.name for m in methods})
+    if unknown:
+        raise ConfigError(f"parameters given for method(s) not in this run: {', '.join(unknown)}")
+
+    method_runs = []
+    for method in methods:
+        overrides = config.params.get(method.name, {})
+        try:
+            grid = expand_grid(method, overrides)
+            epochs = snapshot_epochs(method, overrides)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        method_runs.extend(MethodRun(method, params, epochs) for params in grid)
+
+    blocks = _blocks(config.n_models, config.block_size)
+    units: list[Unit] = []
+    originals = []
+    original_seeds = ensemble_seeds(config.seed, "original", n=config.n_models)
+    for ids in blocks:
+        seeds = tuple(original_seeds[i] for i in ids)
+        unit_id = digest({"kind": "train", "role": "original", "seeds": seeds, "identity": identity})
+        originals.append(Unit(unit_id, "train", "original", NO_FORGET_SET, ids, seeds))
+    units.extend(originals)
+    for fs in forget_sets.values():
+        fs_digest = digest(fs.indices.tolist())
+        oracle_seeds = ensemble_seeds(config.seed, "oracle", fs.id, n=config.n_models)
+        for ids in blocks:
+            seeds = tuple(oracle_seeds[i] for i in ids)
+            unit_id = digest({"kind": "train", "role": "oracle", "forget": fs_digest, "seeds": seeds,
+                              "identity": identity})
+            units.append(Unit(unit_id, "train", "oracle", fs.id, ids, seeds))
+    for fs in forget_sets.values():
+        fs_digest = digest(fs.indices.tolist())
+        matching = _matching_oracles(config, fs.id, fs_digest, method_runs, identity)
+        units.extend(matching)
+        for run in method_runs:
+            if run.method.fn is None:
+                continue
+            needs = tuple(u.id for u in matching) if run.method.needs_oracles else ()
+            for original in originals:
+                method_seed = model_seed(config.seed, "method", run.method.name, fs.id)
+                unit_id = digest({"kind": "unlearn", "method": run.method.name, "params": run.params,
+                                  "epochs": run.epochs, "forget": fs_digest, "depends": (original.id, *needs),
+                                  "method_seed": method_seed})
+                units.append(Unit(unit_id, "unlearn", "unlearned", fs.id, original.model_ids, original.seeds,
+                                  run.method.name, run.params, run.epochs, (original.id, *needs), method_seed))
+    return Plan(config, forget_sets, tuple(method_runs), tuple(units))

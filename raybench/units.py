@@ -1,0 +1,133 @@
+"""Execute one unit: train or unlearn a stacked block of models and return its margins as an Arrow table.
+
+Ray-free on purpose: ``engine.py`` calls this inside worker actors, and tests and benchmarks call it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raybench.data import Dataset, load_dataset
+from raybench.methods import UnlearnData, get_method
+from raybench.models import StackedModel, build_stack, concat_stacks
+from raybench.plan import Unit
+from raybench.store import RunStore, margins_table
+from raybench.training import Recipe, compute_margins, train_stack
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitContext:
+    """What every unit of a run shares: data on the device, the store, and the run's settings."""
+
+    run_id: str
+    dataset: Dataset
+    arch: str
+    recipe: Recipe
+    chunk_size: int
+    store: RunStore
+    device: torch.device
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    forget_indices: dict[str, np.ndarray]
+
+    @classmethod
+    def create(cls, *, run_id: str, dataset: str, arch: str, recipe: dict, chunk_size: int, store_uri: str,
+               forget_indices: dict[str, np.ndarray], device: str = "cpu") -> UnitContext:
+        ds = load_dataset(dataset)
+        dev = torch.device(device)
+        return cls(
+            run_id=run_id, dataset=ds, arch=arch, recipe=Recipe(**recipe), chunk_size=chunk_size,
+            store=RunStore(store_uri), device=dev,
+            x_train=torch.tensor(ds.x_train, device=dev), y_train=torch.tensor(ds.y_train, device=dev),
+            x_val=torch.tensor(ds.x_val, device=dev), y_val=torch.tensor(ds.y_val, device=dev),
+            forget_indices=forget_indices,
+        )
+
+    def retain_indices(self, forget_set: str) -> torch.Tensor:
+        keep = np.ones(self.dataset.n_train, dtype=bool)
+        keep[self.forget_indices[forget_set]] = False
+        return torch.tensor(np.flatnonzero(keep), device=self.device)
+
+    def new_stack(self, seeds: tuple[int, ...]) -> StackedModel:
+        return build_stack(self.arch, seeds, self.dataset.input_shape, self.dataset.num_classes).to(self.device)
+
+    def load_stack(self, unit_id: str) -> StackedModel:
+        """The models a train unit checkpointed (originals, matching oracles)."""
+        checkpoint = self.store.read_checkpoint(unit_id)
+        stack = self.new_stack(tuple(checkpoint["seeds"]))
+        stack.load_state_dict(checkpoint["state"])
+        return stack
+
+    def margins(self, stack: StackedModel) -> dict[str, np.ndarray]:
+        return {"train": compute_margins(stack, self.x_train, self.y_train),
+                "val": compute_margins(stack, self.x_val, self.y_val)}
+
+
+def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
+    """Do the unit's work; return its margins rows and its manifest metadata (timings, shapes)."""
+    t0 = time.perf_counter()
+    tables = []
+    compute_s = 0.0
+    if unit.kind == "train":
+        stack = ctx.new_stack(unit.seeds)
+        if unit.role == "original":
+            train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe)
+        else:
+            idx = ctx.retain_indices(unit.forget_set)
+            train_stack(stack, ctx.x_train[idx], ctx.y_train[idx], ctx.recipe)
+        if unit.role in ("original", "matching_oracle"):
+            # Checkpoint before the unit reports success: an unlearn unit that depends on it can then rely on it.
+            ctx.store.write_checkpoint(unit.id, {"seeds": list(unit.seeds), "state": stack.state_dict()})
+        compute_s = time.perf_counter() - t0
+        tables.append(_table(unit, ctx, ctx.recipe.epochs, ctx.margins(stack)))
+    else:
+        method = get_method(unit.method)
+        stack = ctx.load_stack(unit.depends_on[0])
+        oracles = None
+        if method.needs_oracles:
+            oracles = concat_stacks([ctx.load_stack(uid) for uid in unit.depends_on[1:]])
+            oracles = oracles.select(range(int(unit.params["num_oracles"])))
+        data = UnlearnData(ctx.x_train, ctx.y_train, torch.tensor(ctx.forget_indices[unit.forget_set],
+                           device=ctx.device), ctx.retain_indices(unit.forget_set), ctx.dataset.num_classes,
+                           ctx.recipe, oracles)
+        last = time.perf_counter()
+        seen = []
+        for epoch, snapshot in method.fn(stack, data, dict(unit.params), unit.epochs, unit.method_seed):
+            compute_s += time.perf_counter() - last
+            tables.append(_table(unit, ctx, epoch, ctx.margins(snapshot)))
+            seen.append(epoch)
+            last = time.perf_counter()
+        compute_s += time.perf_counter() - last
+        if seen != list(unit.epochs):
+            raise RuntimeError(f"method {unit.method} yielded epochs {seen}, expected {list(unit.epochs)}")
+    table = pa.concat_tables(tables)
+    meta = {"unit": unit.id, "kind": unit.kind, "role": unit.role, "forget_set": unit.forget_set,
+            "method": unit.method, "params": unit.params_json, "epochs": list(unit.epochs) or [ctx.recipe.epochs],
+            "model_ids": list(unit.model_ids), "seeds": list(unit.seeds), "rows": table.num_rows,
+            "compute_s": compute_s, "wall_s": time.perf_counter() - t0}
+    return table, meta
+
+
+def _table(unit: Unit, ctx: UnitContext, epoch: int, margins: dict[str, np.ndarray]) -> pa.Table:
+    """Margins rows of one snapshot. A diverged model (e.g. gradient ascent run too hot) can have infinite
+    margins: they are stored as ±float32 max, which KLOM clips to ±100 exactly as it would clip ±inf. NaN has no
+    such reading, so it fails the unit with the reason."""
+    for split, matrix in margins.items():
+        if np.isnan(matrix).any():
+            models = sorted({unit.model_ids[i] for i in np.flatnonzero(np.isnan(matrix).any(axis=1))})
+            raise FloatingPointError(f"{unit.method} on forget set {unit.forget_set}: NaN margins on {split} at "
+                                     f"epoch {epoch} for model(s) {models[:10]} (the method diverged)")
+        np.nan_to_num(matrix, copy=False, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)
+    return margins_table(run=ctx.run_id, unit=unit.id, role=unit.role, method=unit.method, params=unit.params_json,
+                         forget_set=unit.forget_set, model_ids=unit.model_ids, seeds=unit.seeds, epoch=epoch,
+                         margins=margins, chunk_size=ctx.chunk_size)

@@ -1,0 +1,131 @@
+"""The backbone end to end through a real local Ray: plan -> actors -> Ray Data -> Parquet -> reduce."""
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from raybench.config import ConfigError, build_config
+from raybench.engine import execute
+from raybench.reduce import reduce_run, write_summary
+from raybench.store import MARGINS_SCHEMA, RunStore, StoreError
+
+SMALL = {"n_models": 6, "block_size": 3, "forget_sets": "1,3", "methods": "do_nothing,finetune",
+         "params": {"finetune": {"epochs": [1, 2]}}, "recipe": {"epochs": 6}, "chunk_size": 500}
+
+
+def _run(out, **overrides):
+    config = build_config(None, **{**SMALL, "out": str(out), **overrides})
+    plan, store, report = execute(config)
+    rows = reduce_run(store)
+    write_summary(store, rows)
+    return plan, store, report, rows
+
+
+@pytest.fixture(scope="module")
+def small_run(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, *_run(out)
+
+
+def test_summary_has_a_row_per_forget_set_method_epoch_split(small_run):
+    out, plan, store, report, rows = small_run
+    keys = {(r["forget_set"], r["method"], r["epoch"], r["split"]) for r in rows}
+    expected = {(fs, m, e, s) for fs in ("1", "3") for m, e in (("do_nothing", 0), ("finetune", 1), ("finetune", 2))
+                for s in ("retain", "forget", "val")}
+    assert keys == expected and len(rows) == len(expected)
+    by = {(r["forget_set"], r["split"]): r for r in rows if r["method"] == "do_nothing"}
+    assert by[("1", "forget")]["n_samples"] == 10 and by[("1", "retain")]["n_samples"] == 1437 - 10
+    assert by[("3", "val")]["n_samples"] == 360
+    for r in rows:
+        assert r["n_models"] == 6 and r["n_oracles"] == 6 and r["run"] == report.run_id
+        assert r["klom_version"] and 0 <= r["klom_p5"] <= r["klom_p50"] <= r["klom_p95"] <= r["klom_p99"] <= 11.6
+        assert 0.5 < r["accuracy"] <= 1.0
+    assert report.units_run == len(plan.units) == 2 + 2 * 2 + 2 * 2  # originals, oracles, finetune blocks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == rows and summary["identity"]["n_models"] == 6
+
+
+def test_parquet_layout_is_hive_partitioned_one_row_per_model_split_epoch_chunk(small_run):
+    out, plan, store, report, rows = small_run
+    files = sorted((out / "margins").rglob("*.parquet"))
+    assert len(files) == len(plan.units)  # one file per unit: few, reasonably sized files
+    for f in files:
+        parts = dict(p.split("=", 1) for p in f.relative_to(out / "margins").parts[:-1])
+        assert set(parts) == {"forget_set", "role", "method", "unit"}
+        table = pq.read_table(f, partitioning=None)
+        assert set(table.column_names) == set(MARGINS_SCHEMA.names) - {"unit"}
+        assert set(table.column("role").to_pylist()) == {parts["role"]}
+        assert set(table.column("forget_set").to_pylist()) == {parts["forget_set"]}
+    finetune = [f for f in files if "method=finetune" in str(f)][0]
+    table = pq.read_table(finetune, partitioning=None)
+    # 3 models x (3 train chunks of <=500 + 1 val chunk) x 2 epochs
+    assert table.num_rows == 3 * 4 * 2
+    widths = {(c, s): len(m) for c, s, m in zip(table.column("chunk").to_pylist(), table.column("split").to_pylist(),
+                                                 table.column("margins").to_pylist(), strict=True)}
+    assert widths == {(0, "train"): 500, (1, "train"): 500, (2, "train"): 437, (0, "val"): 360}
+    # the hive layout is readable by any Parquet tool
+    dataset = pads.dataset(out / "margins", format="parquet", partitioning="hive")
+    assert dataset.to_table(filter=pads.field("role") == "oracle").num_rows == 2 * 6 * 4
+
+
+def test_rerun_resumes_without_recomputing_and_gives_the_same_summary(small_run):
+    out, plan, store, report, rows = small_run
+    before = (out / "summary.csv").read_bytes()
+    _, _, again, rows_again = _run(out)
+    assert again.units_run == 0 and again.units_skipped == len(plan.units)
+    assert rows_again == rows
+    assert (out / "summary.csv").read_bytes() == before
+
+
+def test_reduce_alone_reproduces_the_summary(small_run):
+    out, *_ = small_run
+    before = (out / "summary.csv").read_bytes()
+    (out / "summary.csv").unlink()
+    store = RunStore(str(out))
+    write_summary(store, reduce_run(store))
+    assert (out / "summary.csv").read_bytes() == before
+
+
+def test_a_run_folder_of_another_config_is_refused(small_run):
+    out, *_ = small_run
+    with pytest.raises(StoreError, match="differs in: n_models"):
+        execute(build_config(None, **{**SMALL, "out": str(out), "n_models": 8}))
+
+
+def test_half_written_unit_is_never_read(small_run, tmp_path):
+    out, plan, store, report, rows = small_run
+    unit = plan.units_of("unlearn")[0]
+    meta = store.completed_units()[unit.id].meta
+    (out / "manifests" / f"{unit.id}.json").unlink()  # as if the driver died before the commit point
+    try:
+        reduced = reduce_run(RunStore(str(out)))
+        assert not any(r["method"] == "finetune" and r["forget_set"] == unit.forget_set for r in reduced)
+    finally:
+        store.write_json(store.manifest_path(unit.id), meta)
+
+
+def test_forgetting_a_structured_set_is_visible_in_klom(small_run):
+    """Oracles never saw the atypical eights of set 3: they classify them worse than the originals do, and
+    do_nothing's forget-split KLOM exceeds its retain-split KLOM (at N=6 both sit high above the noise floor)."""
+    *_, rows = small_run
+    by = {r["split"]: r for r in rows if r["method"] == "do_nothing" and r["forget_set"] == "3"}
+    assert by["forget"]["accuracy"] > by["forget"]["oracle_accuracy"] + 0.15
+    assert abs(by["retain"]["accuracy"] - by["retain"]["oracle_accuracy"]) < 0.02
+    assert by["forget"]["klom_mean"] > by["retain"]["klom_mean"] + 1.0
+
+
+def test_same_config_gives_bit_identical_summary(ray_session, small_run, tmp_path):
+    out, *_ = small_run
+    _run(tmp_path / "again")
+    assert (tmp_path / "again" / "summary.csv").read_bytes() == (out / "summary.csv").read_bytes()
+
+
+def test_changing_a_forget_set_under_the_same_id_is_refused(small_run, tmp_path):
+    out, *_ = small_run
+    path = tmp_path / "1.npy"
+    np.save(path, np.arange(5))
+    with pytest.raises(ConfigError, match="other indices"):  # a file 1.npy has id "1", like built-in set 1
+        execute(build_config(None, **{**SMALL, "out": str(out), "forget_sets": str(path)}))
