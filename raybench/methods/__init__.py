@@ -10,7 +10,7 @@ import itertools
 from importlib.metadata import entry_points
 
 from raybench.ids import canonical_json
-from raybench.methods import builtin
+from raybench.methods import ascent, builtin, influence, oracle_matching, relabel, retrain, scrub, sparse
 from raybench.methods.base import Method, MethodFn, Snapshots, UnlearnData, per_model_batches, stacked_cross_entropy
 
 __all__ = [
@@ -23,6 +23,40 @@ _BUILTIN = [
     Method("finetune", builtin.finetune, "fine-tune on the retain set (SGD, momentum 0.9)",
            defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64},
            default_epochs=(5,)),
+    Method("retrain", retrain.retrain, "retrain from scratch on the retain set (exact unlearning at budget 1.0)",
+           defaults={"budget": 1.0}, default_epochs=(1,)),
+    Method("l1_sparse", sparse.l1_sparse, "fine-tune on the retain set with a decaying l1 penalty (RUM FT_prune)",
+           defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64, "alpha": 5e-4,
+                     "horizon_epochs": 5, "no_l1_epochs": 0},
+           default_epochs=(5,)),
+    Method("gradient_ascent", ascent.gradient_ascent, "NegGrad: gradient ascent on the forget set (plain SGD)",
+           defaults={"lr": 0.03, "forget_batch_size": 64},
+           default_epochs=(1, 3, 5, 7, 10)),
+    Method("ascent_descent", ascent.ascent_descent, "ascent on the forget set, then descent on the retain set",
+           defaults={"lr": 0.05, "ascent_epochs": 3, "forget_batch_size": 32, "batch_size": 64},
+           default_epochs=(5,)),
+    Method("neggrad_plus", ascent.neggrad_plus, "NegGrad+: a*CE(retain) - (1-a)*CE(forget), batches zipped",
+           defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "alpha": 0.97, "batch_size": 64,
+                     "forget_batch_size": 64},
+           default_epochs=(5,)),
+    Method("scrub", scrub.scrub, "SCRUB: distil away from the originals on forget, towards them on retain",
+           defaults={"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "ascent_epochs": 3, "ce_weight": 0.99,
+                     "kd_weight": 0.1, "temperature": 4.0, "forget_batch_size": 64, "batch_size": 64},
+           default_epochs=(5,)),
+    Method("random_label", relabel.random_label, "fine-tune on forget with random labels plus retain",
+           defaults={"lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64},
+           default_epochs=(5,)),
+    Method("salun", relabel.salun, "SalUn: random-label training restricted to forget-salient weights",
+           defaults={"lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64, "forget_batch_size": 64,
+                     "tau": 0.5, "rum_mask_bug": False},
+           default_epochs=(5,)),
+    Method("influence", influence.influence, "one WoodFisher influence step (RUM wfisher / IU)",
+           defaults={"alpha": 30.0, "num_grads": 256, "batch_size": 512}, default_epochs=(1,)),
+    Method("oracle_matching", oracle_matching.oracle_matching,
+           "regress logits onto retrained oracles' on forget + part of retain (OM)",
+           defaults={"lr": 3e-3, "weight_decay": 0.0, "gamma": 0.95, "batch_size": 64, "forget_multiplier": 1.0,
+                     "retain_multiplier": 5.0, "num_oracles": 1},
+           default_epochs=(10,), needs_oracles=True),
 ]
 
 
