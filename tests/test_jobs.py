@@ -1,0 +1,37 @@
+"""Shipped run configs and the cluster launcher config stay valid."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raybench.config import build_config
+from raybench.data import load_dataset
+from raybench.plan import make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)
+def test_job_configs_are_valid_and_plan(path):
+    config = build_config(str(path))
+    plan = make_plan(config, load_dataset(config.dataset))
+    assert plan.units
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    # A private API of the pinned Ray 2.60 (RAY.md §10): the same checks `ray up` runs, offline.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["available_node_types"]["gpu"]["resources"]["GPU"] == 1
+
+
+def test_cluster_validation_rejects_a_broken_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu"]["resources"]["GPU"] = 0.5
+    with pytest.raises(Exception, match="integer"):
+        validate_config(prepare_config(config))
