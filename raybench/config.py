@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     dataset: str = "digits"
+    data_root: str = ""  # where downloadable data sets live (e.g. CIFAR-10); unused by digits
     arch: str = ""  # empty: the dataset's default
     n_models: int = 100
     forget_sets: tuple[str, ...] = ("1", "2", "3")

@@ -111,10 +111,10 @@ def execute(config: RunConfig, *, verbose: bool = False,
             progress: Callable[[str], None] | None = None) -> tuple[Plan, RunStore, RunReport]:
     """Plan the run, skip finished units, run the rest on Ray; the summary is made by ``reduce`` afterwards."""
     t0 = time.perf_counter()
-    dataset = load_dataset(config.dataset)
+    dataset = load_dataset(config.dataset, config.data_root or None)
     plan = make_plan(config, dataset)
     store = RunStore(config.output_uri())
-    run_id = store.open_run(config.identity())
+    run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()})
     store.write_json(store.path("dataset.json"), {
         "name": dataset.name, "fingerprint": dataset.fingerprint(), "n_train": dataset.n_train,
         "n_val": dataset.n_val, "source_train": dataset.source_train.tolist(),
@@ -168,7 +168,8 @@ def _run_units(todo: list[Unit], plan: Plan, store: RunStore, run_id: str, forge
     config = plan.config
     n_workers, options, threads = _worker_options(len(todo))
     report.n_workers = n_workers
-    ctx_kwargs = {"run_id": run_id, "dataset": config.dataset, "arch": config.resolved_arch,
+    ctx_kwargs = {"run_id": run_id, "dataset": config.dataset, "data_root": config.data_root or None,
+                  "arch": config.resolved_arch,
                   "recipe": config.resolved_recipe().to_dict(), "chunk_size": config.chunk_size,
                   "store_uri": store.uri, "forget_indices": forget_indices}
     ctx_ref = ray.put(ctx_kwargs)

@@ -42,8 +42,9 @@ class UnitContext:
 
     @classmethod
     def create(cls, *, run_id: str, dataset: str, arch: str, recipe: dict, chunk_size: int, store_uri: str,
-               forget_indices: dict[str, np.ndarray], device: str = "cpu") -> UnitContext:
-        ds = load_dataset(dataset)
+               forget_indices: dict[str, np.ndarray], device: str = "cpu", data_root: str | None = None
+               ) -> UnitContext:
+        ds = load_dataset(dataset, data_root)
         dev = torch.device(device)
         return cls(
             run_id=run_id, dataset=ds, arch=arch, recipe=Recipe(**recipe), chunk_size=chunk_size,

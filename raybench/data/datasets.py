@@ -94,16 +94,23 @@ def _fingerprint(ds: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_dataset(name: str) -> Dataset:
-    """Load a data set by name (cached per process, so every caller shares one read-only copy)."""
+_NEEDS_ROOT: set[str] = set()  # data sets whose loader takes a root folder (downloads)
+
+
+def load_dataset(name: str, root: str | None = None) -> Dataset:
+    """Load a data set by name (cached per process, so every caller shares one read-only copy).
+
+    ``root`` is where a downloadable data set lives (or is downloaded to); the embedded ones ignore it.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return _load_cached(name)
+    return _load_cached(name, root)
 
 
 @functools.cache
-def _load_cached(name: str) -> Dataset:
-    return _LOADERS[name]()
+def _load_cached(name: str, root: str | None) -> Dataset:
+    loader = _LOADERS[name]
+    return loader(root) if name in _NEEDS_ROOT else loader()
 
 
 def _load_digits() -> Dataset:
