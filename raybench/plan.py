@@ -77,7 +77,8 @@ def _blocks(n: int, size: int) -> list[tuple[int, ...]]:
 def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, method_runs: list[MethodRun],
                       identity: dict) -> list[Unit]:
     """Train units for the oracles that oracle-matching methods fine-tune against (disjoint seeds)."""
-    counts = [int(r.params.get("num_oracles", 1)) for r in method_runs if r.method.needs_oracles]
+    counts = [config.n_models if r.params.get("pairing") == "per_model" else int(r.params.get("num_oracles", 1))
+              for r in method_runs if r.method.needs_oracles]
     if not counts:
         return []
     if min(counts) < 1:

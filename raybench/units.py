@@ -97,7 +97,10 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         oracles = None
         if method.needs_oracles:
             oracles = concat_stacks([ctx.load_stack(uid) for uid in unit.depends_on[1:]])
-            oracles = oracles.select(range(int(unit.params["num_oracles"])))
+            # per_model pairing: matching oracle i for student i (matching-oracle ids run 0..N-1 like originals)
+            chosen = unit.model_ids if unit.params.get("pairing") == "per_model" else range(
+                int(unit.params["num_oracles"]))
+            oracles = oracles.select(list(chosen))
         data = UnlearnData(ctx.x_train, ctx.y_train, torch.tensor(ctx.forget_indices[unit.forget_set],
                            device=ctx.device), ctx.retain_indices(unit.forget_set), ctx.dataset.num_classes,
                            ctx.recipe, oracles)

@@ -145,12 +145,13 @@ def test_single_result_methods_yield_once_and_reject_several_epochs(world, name)
 
 @pytest.mark.parametrize("name", ALL_METHODS[1:])
 def test_a_model_unlearns_the_same_alone_as_in_a_stack(world, name):
-    data = with_oracles(world)
+    data = with_oracles(world, k=2)  # oracle_matching pairs student m with matching oracle m
     epochs = [1] if name in ("retrain", "influence") else [2]
     overrides = {"budget": 0.1} if name == "retrain" else {}
     pair = run(name, world.fresh([0, 1]), data, epochs=epochs, **overrides)[-1][1]
     for m in range(2):
-        alone = run(name, world.fresh([m]), data, epochs=epochs, **overrides)[-1][1]
+        own = dataclasses.replace(data, oracles=world.oracles.select([m]))
+        alone = run(name, world.fresh([m]), own, epochs=epochs, **overrides)[-1][1]
         torch.testing.assert_close(weights(alone)[0], weights(pair)[m], atol=1e-5, rtol=0)
 
 
@@ -346,17 +347,34 @@ def test_oracle_matching_brings_forget_logits_to_the_oracles(world):
             return ((stack.eval()(x) - target) ** 2).mean(dim=(1, 2))
 
     before = mse(world.originals)
-    out = run("oracle_matching", world.fresh(), data, num_oracles=2)[-1][1]
+    out = run("oracle_matching", world.fresh(), data, num_oracles=2, pairing="mean")[-1][1]
     assert (mse(out) < 0.5 * before).all()  # every model
     oracle_weights = weights(world.oracles)
     assert torch.equal(weights(world.oracles), oracle_weights)
 
 
+def test_oracle_matching_per_model_pairs_each_student_with_its_own_oracle(world):
+    data = with_oracles(world, k=3)
+    x = data.x_forget
+    own = oracle_targets(data.oracles, x, per_model=True)  # (3, n, C)
+
+    def mse(stack, target):
+        with torch.no_grad():
+            return ((stack.eval()(x) - target) ** 2).mean(dim=(1, 2))
+
+    out = run("oracle_matching", world.fresh(), data)[-1][1]  # default pairing: per_model
+    assert (mse(out, own) < 0.5 * mse(world.originals, own)).all()
+    shifted = own.roll(1, dims=0)  # another student's oracle: farther than its own
+    assert (mse(out, own) < mse(out, shifted)).all()
+
+
 def test_oracle_matching_needs_its_oracles(world):
     with pytest.raises(ValueError, match="num_oracles"):
-        run("oracle_matching", world.fresh(), world.data)
+        run("oracle_matching", world.fresh(), world.data, pairing="mean")
     with pytest.raises(ValueError, match="num_oracles=2"):
-        run("oracle_matching", world.fresh(), with_oracles(world, k=1), num_oracles=2)
+        run("oracle_matching", world.fresh(), with_oracles(world, k=1), num_oracles=2, pairing="mean")
+    with pytest.raises(ValueError, match="one per student"):
+        run("oracle_matching", world.fresh(), with_oracles(world, k=1))
 
 
 def test_matching_indices_follow_the_multipliers(world):

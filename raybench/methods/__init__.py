@@ -55,7 +55,7 @@ _BUILTIN = [
     Method("oracle_matching", oracle_matching.oracle_matching,
            "regress logits onto retrained oracles' on forget + part of retain (OM)",
            defaults={"lr": 3e-3, "weight_decay": 0.0, "gamma": 0.95, "batch_size": 64, "forget_multiplier": 1.0,
-                     "retain_multiplier": 5.0, "num_oracles": 1},
+                     "retain_multiplier": 5.0, "num_oracles": 1, "pairing": "per_model"},
            default_epochs=(10,), needs_oracles=True),
 ]
 

@@ -3,6 +3,12 @@ oracles retrained without F, on F and a sample of R.
 
 OM uses no true labels: the oracles' outputs are the target. Its oracles must be *disjoint* from the oracles
 that score KLOM (§3.3, §8 item 7): the engine passes a separate set as ``data.oracles``.
+
+Pairing. DMMc matches every student to the *mean* of ``num_oracles`` oracles (``pairing="mean"``). KLOM scores
+the *distribution* of the unlearned models, and 100 students pulled towards one common target collapse onto it:
+on digits their retain/val KLOM rose to 4–5 (from the 0.6 floor). With ``pairing="per_model"`` (the default)
+student m matches its own oracle m, so the students inherit the oracles' spread; it needs as many matching
+oracles as students (the engine trains them once per forget set).
 """
 
 from __future__ import annotations
@@ -36,14 +42,17 @@ def matching_indices(forget_idx: torch.Tensor, retain_idx: torch.Tensor, forget_
 
 
 @torch.no_grad()
-def oracle_targets(oracles: StackedModel, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Mean logits of the K oracles on ``x``: (n, C), in eval mode (the oracles' mode is restored)."""
+def oracle_targets(oracles: StackedModel, x: torch.Tensor, batch_size: int = 4096, *,
+                   per_model: bool = False) -> torch.Tensor:
+    """Logits of the K oracles on ``x`` in eval mode (their mode is restored): their mean (n, C), or with
+    ``per_model`` each oracle's own (K, n, C)."""
     was_training = oracles.training
     oracles.eval()
     try:
-        return torch.cat([oracles(x[s:s + batch_size]).float().mean(0) for s in range(0, len(x), batch_size)])
+        out = torch.cat([oracles(x[s:s + batch_size]).float() for s in range(0, len(x), batch_size)], dim=1)
     finally:
         oracles.train(was_training)
+    return out if per_model else out.mean(0)
 
 
 def oracle_matching(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int],
@@ -52,18 +61,24 @@ def oracle_matching(stack: StackedModel, data: UnlearnData, params: dict, epochs
     oracle logits), mean over batch × classes, summed over models; Adam(lr, weight decay), ExponentialLR(γ)
     stepped per epoch, student in train mode.
 
-    Needs ``data.oracles`` holding exactly ``num_oracles`` models. The targets are computed once (the oracles
-    never change). fp32 throughout (DMMc uses an fp16 autocast forward).
+    Needs ``data.oracles``: ``num_oracles`` models with ``pairing="mean"``, one per student (in the stack's
+    order) with ``pairing="per_model"``. The targets are computed once (the oracles never change). fp32
+    throughout (DMMc uses an fp16 autocast forward).
     """
     oracles = data.oracles
-    if oracles is None or oracles.n_models != params["num_oracles"]:
+    per_model = params["pairing"] == "per_model"
+    if params["pairing"] not in ("mean", "per_model"):
+        raise ValueError(f"oracle_matching: pairing must be 'mean' or 'per_model', got {params['pairing']!r}")
+    want = stack.n_models if per_model else params["num_oracles"]
+    if oracles is None or oracles.n_models != want:
         have = "none" if oracles is None else oracles.n_models
-        raise ValueError(f"oracle_matching needs data.oracles with num_oracles={params['num_oracles']} models, "
-                         f"got {have}")
+        what = f"one per student ({want})" if per_model else f"num_oracles={want}"
+        raise ValueError(f"oracle_matching needs data.oracles with {what} models, got {have}")
     ids = matching_indices(data.forget_idx, data.retain_idx, params["forget_multiplier"],
                            params["retain_multiplier"], seed)
     x = data.x_train[ids]
-    target = oracle_targets(oracles, x).to(dtype=next(stack.parameters()).dtype)
+    target = oracle_targets(oracles, x, per_model=per_model).to(dtype=next(stack.parameters()).dtype)
+    rows = torch.arange(stack.n_models, device=x.device)[:, None]
     optimizer = torch.optim.Adam(stack.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=params["gamma"])
     stack.train()
@@ -71,7 +86,8 @@ def oracle_matching(stack: StackedModel, data: UnlearnData, params: dict, epochs
         for idx in per_model_batches(len(ids), params["batch_size"], stack.seeds, seed, epoch, x.device):
             logits = stack(x[idx])
             # sum over models of each model's MSE averaged over its batch × classes
-            loss = F.mse_loss(logits, target[idx], reduction="sum") / (idx.shape[1] * logits.shape[-1])
+            goal = target[rows, idx] if per_model else target[idx]
+            loss = F.mse_loss(logits, goal, reduction="sum") / (idx.shape[1] * logits.shape[-1])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
