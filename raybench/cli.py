@@ -159,6 +159,42 @@ def reduce_command(out: str) -> None:
     click.echo(summary_table(rows))
 
 
+@main.command("import-easydub")
+@click.option("--source", required=True,
+              help="A local folder in the EasyDUB hub layout, or a hub repo id (e.g. easydub/EasyDUB-dataset): "
+                   "only the needed files are downloaded.")
+@click.option("--forget-sets", required=True, help="Comma-separated EasyDUB forget-set ids, e.g. 2,5.")
+@click.option("--n-models", type=int, default=100, show_default=True,
+              help="Pretrain models and oracles per forget set to import (hub ids 0..N-1).")
+@click.option("--out", required=True, help="Run folder to write: a path or a pyarrow URI (s3://, gs://).")
+@click.option("--oracle-floor", is_flag=True,
+              help="Also import oracles N..2N-1 as method 'oracle_floor': the oracle-vs-oracle noise floor.")
+@click.option("--chunk-size", type=int, default=8192, show_default=True, help="Samples per Parquet row.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache for downloads.")
+def import_easydub_command(source: str, forget_sets: str, n_models: int, out: str, oracle_floor: bool,
+                           chunk_size: int, cache_dir: str | None) -> None:
+    """Write EasyDUB's published CIFAR-10 ResNet-9 margins (originals and oracles) into a run folder.
+
+    Then `raybench reduce OUT` scores the do-nothing baseline exactly as EasyDUB's eval_pretrain.py does.
+    """
+    from raybench.easydub import EasyDubError, import_easydub
+    from raybench.store import StoreError
+
+    ids = [s.strip() for s in forget_sets.split(",") if s.strip()]
+    try:
+        report = import_easydub(source, ids, n_models, out, oracle_floor=oracle_floor, chunk_size=chunk_size,
+                                cache_dir=cache_dir)
+    except (EasyDubError, StoreError) as err:
+        raise click.UsageError(str(err)) from err
+    sizes = ", ".join(f"{fs} ({n})" for fs, n in report.forget_set_sizes.items())
+    click.echo(f"run {report.run_id} in {report.out}: {len(report.units_written)} units written, "
+               f"{len(report.units_skipped)} already there; {n_models} models, {report.n_train} train / "
+               f"{report.n_val} val samples; forget sets {sizes}")
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"next: raybench reduce {report.out}")
+
+
 @main.command("methods")
 def methods_command() -> None:
     """List the registered unlearning methods, one per line."""

@@ -27,7 +27,7 @@ def digits():
 
 
 def test_digits_shapes_and_dtypes(digits):
-    assert DATASETS == ("digits",)
+    assert DATASETS == ("digits", "cifar10")
     assert digits.name == "digits" and digits.num_classes == 10
     assert digits.input_shape == (1, 8, 8)
     assert digits.x_train.shape == (1437, 1, 8, 8) and digits.x_val.shape == (360, 1, 8, 8)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DATASETS: tuple[str, ...] = ("digits",)
+DATASETS: tuple[str, ...] = ("digits", "cifar10")
 
 # The split is part of the benchmark definition: changing these changes every sample id.
 _VAL_FRACTION = 0.2
@@ -94,7 +94,7 @@ def _fingerprint(ds: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-_NEEDS_ROOT: set[str] = set()  # data sets whose loader takes a root folder (downloads)
+_NEEDS_ROOT: set[str] = {"cifar10"}  # data sets whose loader takes a root folder (downloads)
 
 
 def load_dataset(name: str, root: str | None = None) -> Dataset:
@@ -154,4 +154,10 @@ def _frozen(ds: Dataset) -> Dataset:
     return ds
 
 
-_LOADERS = {"digits": _load_digits}
+def _load_cifar10(root: str | None) -> Dataset:
+    from raybench.data.cifar10 import load_cifar10  # imported late: it imports this module
+
+    return load_cifar10(root)
+
+
+_LOADERS = {"digits": _load_digits, "cifar10": _load_cifar10}

@@ -50,6 +50,39 @@ def _atypical_subpopulation(label: int, size: int) -> Callable[[Dataset], np.nda
     return build
 
 
+def _easydub_file(set_id: str) -> Callable[[Dataset], np.ndarray]:
+    """EasyDUB's published CIFAR-10 forget set, read from ``<data root>/forget_sets/cifar10/`` in file order."""
+
+    def build(ds: Dataset) -> np.ndarray:
+        from raybench.data.cifar10 import forget_set_path
+
+        path = forget_set_path(getattr(ds, "root", None), set_id)
+        if not path.is_file():
+            raise ValueError(
+                f"forget set {set_id!r} of cifar10 is EasyDUB's file {path}, which is missing. Fetch the ten files "
+                f"into the data root with `python -c \"from raybench.easydub import download_forget_sets; "
+                f"download_forget_sets('{path.parents[2]}')\"` (needs internet), or copy forget_sets/cifar10/ "
+                "from a snapshot of the easydub/EasyDUB-dataset hub data set"
+            )
+        return _read_file(path, f"EasyDUB forget-set file {str(path)!r}")
+
+    return build
+
+
+# The ten CIFAR-10 sets of the KLOM benchmark (METHODS.md §5.1); the sizes come from the files themselves.
+_CIFAR10_SETS = {
+    "1": "10 random train samples",
+    "2": "100 random train samples",
+    "3": "1,000 random train samples",
+    "4": "10 samples with the top projection on PC1 of the datamodel matrix",
+    "5": "100 samples with the top projection on PC1 of the datamodel matrix",
+    "6": "250 highest + 250 lowest samples on PC1 of the datamodel matrix",
+    "7": "10 samples with the top projection on PC2 of the datamodel matrix",
+    "8": "100 samples with the top projection on PC2 of the datamodel matrix",
+    "9": "250 highest + 250 lowest samples on PC2 of the datamodel matrix",
+    "10": "100 samples nearest in CLIP space to train sample 6 (unsorted: file order kept)",
+}
+
 # id -> (description, builder). Pinned constants: changing one changes published results, so add new ids
 # instead of editing existing ones.
 _BUILTINS: dict[str, dict[str, tuple[str, Callable[[Dataset], np.ndarray]]]] = {
@@ -65,6 +98,11 @@ _BUILTINS: dict[str, dict[str, tuple[str, Callable[[Dataset], np.ndarray]]]] = {
             "40 class-8 train samples nearest (L2) to the class-8 sample farthest from the class-8 mean",
             _atypical_subpopulation(8, 40),
         ),
+    },
+    "cifar10": {
+        set_id: (f"EasyDUB forget set {set_id}: {desc} (forget_sets/cifar10/forget_set_{set_id}.npy)",
+                 _easydub_file(set_id))
+        for set_id, desc in _CIFAR10_SETS.items()
     },
 }
 

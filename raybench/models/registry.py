@@ -9,9 +9,10 @@ from torch import nn
 
 from raybench.models.cnn import StackedCNN
 from raybench.models.mlp import StackedMLP
+from raybench.models.resnet9 import StackedResNet9
 from raybench.models.stacked import StackedModel
 
-_ARCHS: dict[str, type[StackedModel]] = {"mlp": StackedMLP, "cnn": StackedCNN}
+_ARCHS: dict[str, type[StackedModel]] = {"mlp": StackedMLP, "cnn": StackedCNN, "resnet9": StackedResNet9}
 ARCHS: tuple[str, ...] = tuple(_ARCHS)
 
 
@@ -47,7 +48,8 @@ def stack_models(
     stack = _arch_class(arch)(seeds, input_shape, num_classes, device=first.device, dtype=first.dtype)
     targets = stack.stacked_layers()
     for m, model in enumerate(models):
-        layers = [mod for mod in model.modules() if isinstance(mod, nn.Linear | nn.Conv2d)]
+        # BatchNorm layers carry per-model state too (resnet9); the mlp and cnn have none
+        layers = [mod for mod in model.modules() if isinstance(mod, nn.Linear | nn.Conv2d | nn.BatchNorm2d)]
         if len(layers) != len(targets):
             raise ValueError(
                 f"model {m} has {len(layers)} Linear/Conv2d layers; arch {arch!r} has {len(targets)}"
