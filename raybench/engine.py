@@ -7,18 +7,25 @@
   written to Parquet (``partition_cols=["unit"]``) under ``staging/``; each unit is then committed (moved into
   its hive folder, manifest written last). Writing happens in waves while the actors keep training.
 * Faults: actors restart (``max_restarts``) but never re-run a crashing call (``max_task_retries=0``, the poison
-  pill of RAY.md §6); the driver resubmits a unit whose actor died, up to ``MAX_ATTEMPTS`` times. An exception
-  raised by the unit's own code is not retried: it is recorded and reported, and every other unit still runs.
+  pill of RAY.md §6); the driver resubmits a unit whose actor died, up to ``MAX_ATTEMPTS`` times, and replaces an
+  actor that has used up its restarts. A wave whose results were lost with their node is recomputed. An
+  exception raised by the unit's own code is not retried: it is recorded and reported, and every other unit
+  still runs.
+* Determinism: a unit's output depends only on the unit (its seeds) and the torch thread count, which is fixed by
+  the cluster's shape, never by how many units are left, so a resumed or retried unit reproduces the bits of an
+  undisturbed run.
 * Resume: units whose manifest exists are not planned again.
+* Reduce: ``map_tasks`` runs the reducer's per-(group, split, chunk) jobs as plain Ray tasks (RAY.md §8).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +38,18 @@ from raybench.units import UnitContext, run_unit
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3  # per unit, counting only attempts lost to dead workers
+MAX_ATTEMPTS = 3  # per unit, counting only attempts lost to dead workers (or lost results)
+MAX_RESTARTS = 2  # per actor; after that the driver replaces it with a fresh one
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued: the worker never waits for the driver
-FLUSH_SECONDS = 5.0  # write finished units at least this often
+RESTART_PAUSE_S = 0.5  # between pings of a worker that is restarting
+MAX_RESTART_WAIT_S = 120.0  # a worker not answering pings for this long is replaced
+FLUSH_SECONDS = 15.0  # write finished units at least this often (a killed driver loses at most this much work)
+
+KILL_WORKER_ENV = "RAYBENCH_TEST_KILL_WORKER"
+"""Test hook (fault-injection tests only): comma-separated unit ids. The *first* attempt of each such unit kills
+its worker process with SIGKILL after the unit's work is done (checkpoint written) but before the result is
+returned: the worst moment for a fault, side effects done and nothing committed. Read by the driver, which
+passes a flag with the call; unset (every normal run) it changes nothing."""
 
 
 class EngineError(RuntimeError):
@@ -48,6 +64,7 @@ class RunReport:
     units_skipped: int
     units_run: int
     failed: dict[str, str] = field(default_factory=dict)
+    units_retried: int = 0  # attempts lost to dead workers or lost results, and run again
     wall_s: float = 0.0
     compute_s: float = 0.0  # inside units: training / unlearning
     unit_s: float = 0.0  # inside units: everything (training, margins, checkpoints)
@@ -69,13 +86,18 @@ def prepare_ray_environment() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def start_ray(config: RunConfig, verbose: bool = False) -> bool:
-    """Join ``config.address``/``RAY_ADDRESS`` or start a local Ray; return True if we started (and own) it."""
+def start_ray(config: RunConfig | None = None, verbose: bool = False) -> bool:
+    """Join ``config.address``/``RAY_ADDRESS`` or start a local Ray; return True if we started a local Ray.
+
+    Only a local instance is "owned" (shut down after the run): a cluster connection stays open so that the
+    reducer can use the cluster too; it closes when the driver exits.
+    """
     prepare_ray_environment()
     import ray
 
     if ray.is_initialized():
         return False
+    config = config or RunConfig()
     address = config.address or os.environ.get("RAY_ADDRESS")
     common = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     if address:
@@ -88,7 +110,7 @@ def start_ray(config: RunConfig, verbose: bool = False) -> bool:
     DataContext.get_current().enable_progress_bars = False
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-write INFO lines drown the progress
-    return True
+    return not address
 
 
 def record_forget_sets(store: RunStore, plan: Plan) -> dict[str, np.ndarray]:
@@ -120,14 +142,15 @@ def execute(config: RunConfig, *, verbose: bool = False,
         "n_val": dataset.n_val, "source_train": dataset.source_train.tolist(),
         "source_val": dataset.source_val.tolist()})
     forget_indices = record_forget_sets(store, plan)
-    store.remove_dir(store.path("staging"))  # leftovers of an interrupted driver: never committed, never read
+    store.clean_uncommitted()  # leftovers of an interrupted driver or a killed worker: never committed, never read
     done = store.completed_units()
     todo = [u for u in plan.units if u.id not in done]
     report = RunReport(run_id, store.uri, len(plan.units), len(plan.units) - len(todo), 0)
     say = progress or (lambda msg: log.info(msg))
     if report.units_skipped:
-        say(f"resuming {store.uri}: {report.units_skipped} of {len(plan.units)} units already complete, "
-            f"{len(todo)} to run")
+        skipped_models = sum(u.n_models for u in plan.units if u.id in done)
+        say(f"resuming {store.uri}: {report.units_skipped} of {len(plan.units)} units ({skipped_models} models) "
+            f"already complete, skipped; {len(todo)} to run")
     if todo:
         owns_ray = start_ray(config, verbose)
         try:
@@ -146,7 +169,11 @@ def execute(config: RunConfig, *, verbose: bool = False,
 
 
 def _worker_options(n_units: int) -> tuple[int, dict, int]:
-    """How many workers, their resource options, and torch threads each (RAY.md §5)."""
+    """How many workers, their resource options, and torch threads each (RAY.md §5).
+
+    The thread count depends on the cluster alone, not on ``n_units``: CPU results can change with the number
+    of threads, and a resumed run (few units left) must reproduce the bits of an uninterrupted one.
+    """
     import ray
 
     resources = ray.cluster_resources()
@@ -154,10 +181,81 @@ def _worker_options(n_units: int) -> tuple[int, dict, int]:
     cpus = float(resources.get("CPU", 1))
     if gpus:
         return min(gpus, n_units), {"num_gpus": 1, "num_cpus": 1}, max(1, int(cpus // max(gpus, 1)) - 1)
-    n = max(1, min(int(cpus), n_units))
+    slots = max(1, int(cpus))
+    n = min(slots, n_units)
     # Hold less than all CPUs so Ray Data's tasks can always be scheduled (the silent deadlock of RAY.md §5.1).
     per_worker = max(0.0, (cpus - 1) / n)
-    return n, {"num_cpus": round(per_worker, 4)}, max(1, int(cpus // n))
+    return n, {"num_cpus": round(per_worker, 4)}, max(1, int(cpus // slots))
+
+
+class _Pool:
+    """The worker actors, and which of them can take calls.
+
+    A worker whose process died is *down* until a ``ping`` answers: Ray restarts the actor, but calls sent
+    meanwhile fail (``ActorDiedError`` naming the dead process, or ``ActorUnavailableError``) and would burn the
+    units' attempts for nothing. An actor that has used its restarts, or whose pings keep failing, is replaced.
+    """
+
+    def __init__(self, n: int, make: Callable[[], object]) -> None:
+        self.make = make
+        self.actors = [make() for _ in range(n)]
+        self.load = [0] * n
+        self.generation = [0] * n  # deaths seen; a call remembers the generation it was sent to
+        self.down = [False] * n
+        self.probe: dict = {}  # ping ref -> worker
+        self.probe_failures = [0] * n
+        self.retry_at = [0.0] * n
+
+    def usable(self) -> list[int]:
+        return [w for w in range(len(self.actors)) if not self.down[w]]
+
+    def lost(self, worker: int, sent_to: int) -> None:
+        """A call to ``worker`` failed because its process died (``sent_to``: the generation the call was sent
+        to). One death per generation: the calls queued on a dying actor all fail together."""
+        if sent_to == self.generation[worker]:
+            self.generation[worker] += 1
+            if self.generation[worker] % (MAX_RESTARTS + 1) == 0:
+                self.replace(worker, f"died {MAX_RESTARTS + 1} times")
+                return
+        self.down[worker] = True
+
+    def replace(self, worker: int, why: str) -> None:
+        import ray
+
+        log.warning("worker %d %s; replacing it", worker, why)
+        ray.kill(self.actors[worker])
+        self.actors[worker] = self.make()
+        self.down[worker] = True  # until the new actor answers a ping
+        self.probe_failures[worker] = 0
+
+    def send_probes(self) -> None:
+        now = time.monotonic()
+        probing = set(self.probe.values())
+        for w in range(len(self.actors)):
+            if self.down[w] and w not in probing and self.retry_at[w] <= now:
+                self.probe[self.actors[w].ping.remote()] = w
+
+    def probe_done(self, ref) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        worker = self.probe.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:
+            self.probe_failures[worker] += 1
+            self.retry_at[worker] = time.monotonic() + RESTART_PAUSE_S
+            if self.probe_failures[worker] * RESTART_PAUSE_S > MAX_RESTART_WAIT_S:
+                self.replace(worker, f"did not come back within {MAX_RESTART_WAIT_S:.0f} s")
+            return
+        self.down[worker] = False
+        self.probe_failures[worker] = 0
+
+    def kill_all(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def _run_units(todo: list[Unit], plan: Plan, store: RunStore, run_id: str, forget_indices: dict[str, np.ndarray],
@@ -172,15 +270,14 @@ def _run_units(todo: list[Unit], plan: Plan, store: RunStore, run_id: str, forge
                   "arch": config.resolved_arch,
                   "recipe": config.resolved_recipe().to_dict(), "chunk_size": config.chunk_size,
                   "store_uri": store.uri, "forget_indices": forget_indices}
-    ctx_ref = ray.put(ctx_kwargs)
-    worker_cls = ray.remote(_Worker)
-    workers = [worker_cls.options(max_restarts=2, max_task_retries=0, **options).remote(ctx_ref, threads)
-               for _ in range(n_workers)]
+    ctx_ref = ray.put(ctx_kwargs)  # held by the driver for the whole run: restarted actors read it again
+    worker_cls = ray.remote(_Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=0, **options)
+    pool = _Pool(n_workers, lambda: worker_cls.remote(ctx_ref, threads))
     log.info("started %d workers (%s, %d torch threads each)", n_workers, options, threads)
+    kill_on_first_attempt = {u for u in os.environ.get(KILL_WORKER_ENV, "").split(",") if u}
 
     pending = deque(todo)
-    in_flight: dict = {}  # meta ref -> (unit, table ref, worker index)
-    load = [0] * n_workers
+    in_flight: dict = {}  # meta ref -> (unit, table ref, worker index, worker generation)
     attempts: dict[str, int] = {}
     finished: list[tuple[Unit, object, dict]] = []
     complete = set(store.completed_units())
@@ -192,34 +289,54 @@ def _run_units(todo: list[Unit], plan: Plan, store: RunStore, run_id: str, forge
         available = complete | {f[0].id for f in finished}
         return all(dep in available for dep in unit.depends_on)
 
+    def retry(unit: Unit, why: str) -> None:
+        attempts[unit.id] = attempts.get(unit.id, 0) + 1
+        if attempts[unit.id] < MAX_ATTEMPTS:
+            log.warning("unit %s: %s; retrying (attempt %d of %d)", unit.id, why, attempts[unit.id] + 1,
+                        MAX_ATTEMPTS)
+            report.units_retried += 1
+            pending.appendleft(unit)
+        else:
+            report.failed[unit.id] = f"{why}, {MAX_ATTEMPTS} times"
+            _drop_dependents(unit, pending, report)
+
     try:
         while pending or in_flight:
-            for _ in range(len(pending)):
-                worker = min(range(n_workers), key=load.__getitem__)
-                if load[worker] >= IN_FLIGHT_PER_WORKER:
+            pool.send_probes()
+            usable = pool.usable()
+            for _ in range(len(pending) if usable else 0):
+                worker = min(usable, key=pool.load.__getitem__)
+                if pool.load[worker] >= IN_FLIGHT_PER_WORKER:
                     break
                 unit = pending.popleft()
                 if not ready(unit):
                     pending.append(unit)
                     continue
-                table_ref, meta_ref = workers[worker].run.options(num_returns=2).remote(unit)
-                in_flight[meta_ref] = (unit, table_ref, worker)
-                load[worker] += 1
-            if not in_flight:
+                die = unit.id in kill_on_first_attempt and unit.id not in attempts
+                table_ref, meta_ref = pool.actors[worker].run.options(num_returns=2).remote(unit, die)
+                in_flight[meta_ref] = (unit, table_ref, worker, pool.generation[worker])
+                pool.load[worker] += 1
+            if not in_flight and not finished and not pool.probe and len(usable) == n_workers:
                 raise EngineError("no unit can start: a dependency failed (see errors above)")
-            ready_refs, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            waiting = list(in_flight) + list(pool.probe)
+            if waiting:
+                ready_refs = ray.wait(waiting, num_returns=1, timeout=1.0)[0]
+            else:
+                ready_refs = []
+                time.sleep(0.05)  # only restarting workers, between two pings
             for ref in ready_refs:
-                unit, table_ref, worker = in_flight.pop(ref)
-                load[worker] -= 1
+                if ref in pool.probe:
+                    pool.probe_done(ref)
+                    continue
+                unit, table_ref, worker, sent_to = in_flight.pop(ref)
+                pool.load[worker] -= 1
                 try:
                     meta = ray.get(ref, timeout=60)
                 except (RayActorError, GetTimeoutError) as err:
-                    attempts[unit.id] = attempts.get(unit.id, 0) + 1
-                    if attempts[unit.id] < MAX_ATTEMPTS:
-                        log.warning("worker lost while running unit %s (%s); retrying", unit.id, type(err).__name__)
-                        pending.appendleft(unit)
-                    else:
-                        report.failed[unit.id] = f"worker lost {MAX_ATTEMPTS} times: {err}"
+                    # ActorDiedError or, for an actor that will restart, ActorUnavailableError ("may or may not
+                    # have been executed"): either way the call was sent to a worker believed alive and is lost.
+                    pool.lost(worker, sent_to)
+                    retry(unit, f"worker lost ({type(err).__name__})")
                     continue
                 except RayTaskError as err:
                     report.failed[unit.id] = str(err)
@@ -238,15 +355,22 @@ def _run_units(todo: list[Unit], plan: Plan, store: RunStore, run_id: str, forge
                     f"{models_done}/{models_total} models · {rate:.1f} models/s · ETA {eta:.0f}s")
             now = time.perf_counter()
             if finished and (not in_flight or now - last_flush > FLUSH_SECONDS or _blocked_on(finished, pending)):
-                _write_wave(store, finished)
-                complete.update(u.id for u, _, _ in finished)
+                lost = _write_wave(store, finished, config.block_size)
+                for unit in lost:
+                    report.units_run -= 1
+                    models_done -= unit.n_models
+                    retry(unit, "result lost before it was written (node lost?)")
+                lost_ids = {u.id for u in lost}
+                complete.update(u.id for u, _, _ in finished if u.id not in lost_ids)
                 finished.clear()
                 last_flush = now
-        if finished:
-            _write_wave(store, finished)
     finally:
-        for worker in workers:
-            ray.kill(worker)
+        pool.kill_all()
+        if finished:  # interrupted (Ctrl-C, an error): keep what is already computed
+            try:
+                _write_wave(store, finished, config.block_size)
+            except Exception as err:  # the exception that stopped the run matters more: log, do not raise
+                log.warning("could not save %d finished unit(s) while stopping: %s", len(finished), err)
 
 
 def _blocked_on(finished: list, pending: deque) -> bool:
@@ -261,20 +385,89 @@ def _drop_dependents(unit: Unit, pending: deque, report: RunReport) -> None:
         report.failed[dependent.id] = f"skipped: the original unit {unit.id} it starts from failed"
 
 
-def _write_wave(store: RunStore, finished: list[tuple[Unit, object, dict]]) -> None:
-    """Ray Data writes the finished units' tables under staging/, then each unit is committed."""
+def _write_wave(store: RunStore, finished: list[tuple[Unit, object, dict]], block_size: int) -> list[Unit]:
+    """Ray Data writes the finished units' tables under staging/, then each unit is committed.
+
+    Returns the units whose results were lost (the node holding them died before the write); the others are
+    committed. A write that fails with every result still readable is a storage error and is raised.
+    One row group per ``block_size`` rows: a full block's rows for one (epoch, split, chunk), so the reducer's
+    chunk filter decodes one row group per file.
+    """
     import ray
+    from ray.exceptions import ObjectLostError, RayError
 
     staging = store.staging_dir()
-    dataset = ray.data.from_arrow_refs([table_ref for _, table_ref, _ in finished])
-    dataset.write_parquet(staging, filesystem=store.fs, partition_cols=["unit"], compression="zstd",
-                          use_dictionary=False)
+    try:
+        dataset = ray.data.from_arrow_refs([table_ref for _, table_ref, _ in finished])
+        dataset.write_parquet(staging, filesystem=store.fs, partition_cols=["unit"], compression="zstd",
+                              use_dictionary=False, row_group_size=block_size)
+    except RayError as err:
+        lost: list[Unit] = []
+        for unit, table_ref, _ in finished:
+            try:
+                ray.get(table_ref, timeout=60)
+            except (ObjectLostError, RayError):
+                lost.append(unit)
+        if not lost:
+            raise
+        log.warning("%d unit result(s) lost before they were written (%s); recomputing them", len(lost),
+                    type(err).__name__)
+        store.remove_dir(staging)
+        kept = [entry for entry in finished if entry[0] not in lost]
+        return lost + (_write_wave(store, kept, block_size) if kept else [])
     staged = store.staged_unit_files(staging)
     for unit, _, meta in finished:
         if unit.id not in staged:
             raise StoreError(f"Ray Data wrote no file for unit {unit.id}")
         store.commit_unit(meta, staged[unit.id])
-    store.remove_dir(store.path("staging"))
+    store.remove_dir(staging)
+    return []
+
+
+def map_tasks(fn: Callable, items: list, *, max_in_flight: int | None = None) -> Iterator:
+    """``fn(*item)`` for every item as plain Ray tasks; yields the results in item order (needs Ray started).
+
+    For the reducer: one small task per (group, split, chunk) reading only its files (RAY.md §8, never Ray Data
+    groupby). Tasks are retried on worker loss and on ``OSError`` (object-store hiccups, RAY.md §6). At most
+    ``max_in_flight`` (default: the cluster's CPUs) run at once and no task starts more than twice that far
+    ahead of the next result to yield, so the driver holds a bounded number of results however many jobs.
+    """
+    import ray
+
+    remote = ray.remote(fn).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+    limit = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    running: dict = {}  # ref -> index
+    done: dict[int, object] = {}
+    submitted = next_out = 0
+    while next_out < len(items):
+        while submitted < len(items) and len(running) < limit and submitted < next_out + 2 * limit:
+            running[remote.remote(*items[submitted])] = submitted
+            submitted += 1
+        if next_out not in done:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                done[running.pop(ref)] = ray.get(ref)
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
+
+
+def cluster_for_reduce(min_nodes: int = 2) -> bool:
+    """Whether reducing should use Ray tasks: a Ray is running here (or ``RAY_ADDRESS`` names one, which is then
+    joined) and it has at least ``min_nodes`` live nodes. On one machine the in-process reducer is as fast (the
+    KLOM kernel is already multi-threaded) and starts nothing."""
+    prepare_ray_environment()
+    import ray
+
+    if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            return False
+        try:
+            start_ray()
+        except (ConnectionError, RuntimeError, ValueError) as err:  # a stale RAY_ADDRESS must not stop a reduce
+            log.warning("cannot join the Ray cluster at RAY_ADDRESS (%s); reducing in this process", err)
+            return False
+    return sum(1 for node in ray.nodes() if node.get("Alive")) >= min_nodes
 
 
 class _Worker:
@@ -288,5 +481,12 @@ class _Worker:
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # explicit: CPU workers must not grab GPU 0 (RAY.md §5.2)
         self.ctx = UnitContext.create(**ctx_kwargs, device=device)
 
-    def run(self, unit: Unit):
-        return run_unit(unit, self.ctx)
+    def ping(self) -> bool:
+        """Answered once the actor (re)started: the driver sends it units again."""
+        return True
+
+    def run(self, unit: Unit, die_when_done: bool = False) -> tuple:
+        result = run_unit(unit, self.ctx)
+        if die_when_done:  # KILL_WORKER_ENV test hook: a worker process lost mid-unit
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result

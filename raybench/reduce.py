@@ -1,7 +1,9 @@
 """Reduce stored margins to the summary: KLOM and accuracy per (forget set, method, params, epoch, split).
 
-Reads the run folder alone (``raybench reduce OUT`` needs nothing else) and never retrains. Margins are read one
-(split, chunk) at a time with pyarrow filters, so memory holds one chunk of every model, not the run. The retain
+Reads the run folder alone (``raybench reduce OUT`` needs nothing else) and never retrains. The work is a list of
+jobs, one per (ensemble, split, sample chunk); each reads only its chunk of its files with pyarrow filters, so
+memory holds one chunk of every model, not the run. The jobs run in this process, or as plain Ray tasks on a
+cluster of several nodes (RAY.md §8: not Ray Data groupby, which shuffles everything). The retain
 and forget splits are the columns of the stored ``train`` split outside / inside the forget set; the forget
 split keeps the forget set's own order.
 """
@@ -9,9 +11,12 @@ split keeps the forget set's own order.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
+import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -79,22 +84,83 @@ def _check_complete(group: Group, n_expected: int, what: str) -> bool:
     return True
 
 
-def _ensemble(store: RunStore, group: Group, split: str, n_samples: int, epoch: int | None,
-              chunk_size: int, chunk: int) -> np.ndarray:
-    table = store.read_margins(group.units, split=split, chunk=chunk, epoch=epoch)
+@dataclass(frozen=True)
+class ChunkJob:
+    """One reduce task: one ensemble against its forget set's oracles on one (split, chunk), every epoch.
+
+    Plain data (file lists, no store object), so it can be shipped to a Ray task that opens the run folder by
+    its URI. It reads at most two (models × chunk width) matrices at a time: memory is bounded by the chunk
+    size, whatever the number of samples.
+    """
+
+    files: tuple[str, ...]  # the ensemble's Parquet files, relative to the run folder
+    oracle_files: tuple[str, ...]
+    epochs: tuple[int | None, ...]  # stored epochs to read; None: the one snapshot of a train unit (originals)
+    split: str
+    chunk: int
+    width: int
+    n_models: int
+    n_oracles: int
+    label: str  # for error messages
+
+
+ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Per sample of one chunk: KLOM, degenerate flag, accuracy of the ensemble, accuracy of the oracles."""
+
+
+def _matrix(store: RunStore, files: tuple[str, ...], job: ChunkJob, epoch: int | None, n_models: int,
+            what: str) -> np.ndarray:
+    table = store.read_margin_files(files, split=job.split, chunk=job.chunk, epoch=epoch)
     matrix = margins_matrix(table)
-    width = min(chunk_size, n_samples - chunk * chunk_size)
-    if matrix.shape != (group.n_models, width):
-        raise StoreError(f"{group.method}/{group.forget_set} {split} chunk {chunk}: stored margins have shape "
-                         f"{matrix.shape}, expected {(group.n_models, width)}")
+    if matrix.shape != (n_models, job.width):
+        raise StoreError(f"{job.label} ({what}) {job.split} chunk {job.chunk}: stored margins have shape "
+                         f"{matrix.shape}, expected {(n_models, job.width)}")
     return matrix
 
 
+def score_chunk(store: RunStore, job: ChunkJob) -> list[ChunkScores]:
+    """The job's per-sample scores, one entry per epoch (the oracles' chunk is read once for all epochs)."""
+    oracle = _matrix(store, job.oracle_files, job, None, job.n_oracles, "oracles")
+    oracle_correct = (oracle > 0).mean(axis=0)
+    out = []
+    for epoch in job.epochs:
+        unlearned = _matrix(store, job.files, job, epoch, job.n_models, "models")
+        result = klom_details(unlearned, oracle)
+        out.append((result.values, result.degenerate, (unlearned > 0).mean(axis=0), oracle_correct))
+        del unlearned
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _open_store(uri: str) -> RunStore:
+    return RunStore(uri)
+
+
+def score_chunk_at(uri: str, job: ChunkJob) -> list[ChunkScores]:
+    """``score_chunk`` for a Ray task: opens the run folder by its URI (once per worker process)."""
+    return score_chunk(_open_store(uri), job)
+
+
+@dataclass(frozen=True, eq=False)
+class _Scoring:
+    """One ensemble to score against one forget set's oracles, at the epochs listed (summary epoch numbers)."""
+
+    group: Group
+    oracle: Group
+    forget_set: str
+    forget_idx: np.ndarray
+    epochs: tuple[int, ...]
+    stored_epochs: tuple[int | None, ...]
+
+
 def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
-               methods: list[tuple[str, str]] | None = None) -> list[dict]:
+               methods: list[tuple[str, str]] | None = None, parallel: bool | None = None) -> list[dict]:
     """Summary rows for every complete (forget set, method, params) group, or only the ones asked for.
 
     ``methods`` is a list of (method, params JSON); ``do_nothing`` is scored from the originals.
+    ``parallel``: run the per-(group, split, chunk) jobs as Ray tasks (True; needs Ray started or
+    ``RAY_ADDRESS``), in this process (False), or decide (None: Ray tasks only on a cluster of more than one
+    node). Both give the same rows bit for bit: every job is computed by the same code on the same inputs.
     """
     info = store.run_info()
     identity = info["identity"]
@@ -104,7 +170,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     role_groups, oracle_groups, method_groups = _groups(store.completed_units())
     original = role_groups["original"]
 
-    rows = []
+    scorings: list[_Scoring] = []
     for fs in sorted(oracle_groups, key=_natural):
         if forget_sets is not None and fs not in forget_sets:
             continue
@@ -119,43 +185,68 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
             what = f"method {group.method} {group.params} on forget set {fs}"
             if not _check_complete(group, n_models, what):
                 continue
-            for epoch in epochs:
-                stored_epoch = None if group is original else epoch
-                rows.extend(_score(store, group, oracle, fs, forget_idx, epoch, stored_epoch, n_split, chunk_size,
-                                   info["run"]))
+            stored = tuple(None if group is original else e for e in epochs)
+            scorings.append(_Scoring(group, oracle, fs, forget_idx, tuple(epochs), stored))
+
+    jobs: list[ChunkJob] = []
+    for sc in scorings:
+        files = tuple(f for u in sc.group.units for f in u.files)
+        oracle_files = tuple(f for u in sc.oracle.units for f in u.files)
+        label = f"{sc.group.method} {sc.group.params} on forget set {sc.forget_set}"
+        for split, n in n_split.items():
+            for chunk in range((n + chunk_size - 1) // chunk_size):
+                width = min(chunk_size, n - chunk * chunk_size)
+                jobs.append(ChunkJob(files, oracle_files, sc.stored_epochs, split, chunk, width,
+                                     sc.group.n_models, sc.oracle.n_models, label))
+    if parallel is None:
+        parallel = bool(jobs) and _on_a_cluster()
+    if parallel:
+        from raybench.engine import map_tasks
+
+        log.info("reducing %d chunk jobs as Ray tasks", len(jobs))
+        results = map_tasks(score_chunk_at, [(store.uri, job) for job in jobs])
+    else:
+        results = (score_chunk(store, job) for job in jobs)  # lazily: one job's matrices in memory at a time
+
+    rows = []
+    for sc in scorings:
+        per_sample = {}
+        for split, n in n_split.items():
+            arrays = [(np.empty(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)) for _ in sc.epochs]
+            for chunk in range((n + chunk_size - 1) // chunk_size):
+                cols = slice(chunk * chunk_size, min(n, (chunk + 1) * chunk_size))
+                for target, scores in zip(arrays, next(results), strict=True):
+                    for full, part in zip(target, scores, strict=True):
+                        full[cols] = part
+            per_sample[split] = arrays
+        for k, epoch in enumerate(sc.epochs):
+            rows.extend(_rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"]))
     return rows
 
 
-def _score(store: RunStore, group: Group, oracle: Group, fs: str, forget_idx: np.ndarray, epoch: int,
-           stored_epoch: int | None, n_split: dict[str, int], chunk_size: int, run_id: str) -> list[dict]:
-    """Per-sample KLOM over every chunk of train and val, then one row per split."""
-    per_sample = {}
-    for split, n in n_split.items():
-        values = np.empty(n)
-        degenerate = np.zeros(n, dtype=bool)
-        correct = np.zeros(n)
-        oracle_correct = np.zeros(n)
-        for chunk in range((n + chunk_size - 1) // chunk_size):
-            u = _ensemble(store, group, split, n, stored_epoch, chunk_size, chunk)
-            o = _ensemble(store, oracle, split, n, None, chunk_size, chunk)
-            result = klom_details(u, o)
-            cols = slice(chunk * chunk_size, chunk * chunk_size + u.shape[1])
-            values[cols] = result.values
-            degenerate[cols] = result.degenerate
-            correct[cols] = (u > 0).mean(axis=0)
-            oracle_correct[cols] = (o > 0).mean(axis=0)
-        per_sample[split] = (values, degenerate, correct, oracle_correct)
+def _on_a_cluster() -> bool:
+    """Whether a multi-node Ray is at hand; cheap when none is (no Ray or torch import just to find out)."""
+    ray = sys.modules.get("ray")
+    if not (ray is not None and ray.is_initialized()) and not os.environ.get("RAY_ADDRESS"):
+        return False
+    from raybench.engine import cluster_for_reduce
 
+    return cluster_for_reduce()
+
+
+def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[str, int], run_id: str
+          ) -> list[dict]:
+    """One summary row per split view (retain, forget, val) of one ensemble at one epoch."""
     in_forget = np.zeros(n_split["train"], dtype=bool)
-    in_forget[forget_idx] = True
-    views = {"retain": ("train", np.flatnonzero(~in_forget)), "forget": ("train", forget_idx),
+    in_forget[sc.forget_idx] = True
+    views = {"retain": ("train", np.flatnonzero(~in_forget)), "forget": ("train", sc.forget_idx),
              "val": ("val", np.arange(n_split["val"]))}
     rows = []
     for split, (source, idx) in views.items():
         values, degenerate, correct, oracle_correct = (a[idx] for a in per_sample[source])
         rows.append({
-            "forget_set": fs, "method": group.method, "params": group.params, "epoch": epoch, "split": split,
-            "n_models": group.n_models, "n_oracles": oracle.n_models, "n_samples": len(idx),
+            "forget_set": sc.forget_set, "method": sc.group.method, "params": sc.group.params, "epoch": epoch,
+            "split": split, "n_models": sc.group.n_models, "n_oracles": sc.oracle.n_models, "n_samples": len(idx),
             **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
             "accuracy": float(correct.mean()), "oracle_accuracy": float(oracle_correct.mean()),
             "klom_version": KLOM_VERSION, "run": run_id,
