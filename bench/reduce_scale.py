@@ -81,9 +81,19 @@ def reduce_child(out: str, mode: str) -> dict:
     rows = reduce_run(store, parallel=(mode == "ray"))
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers_peak = 0.0
+    if mode == "ray":  # the reduce ran in Ray's worker processes: ask the (reused) workers for their peak RSS
+        import ray
+
+        probe = ray.remote(num_cpus=1)(_peak_rss_mib)
+        workers_peak = max(ray.get([probe.remote() for _ in range(4 * int(ray.cluster_resources()["CPU"]))]))
     return {"mode": mode, "seconds": seconds, "rss_baseline_mib": baseline / 1024, "rss_peak_mib": peak / 1024,
             "rss_added_mib": (peak - baseline) / 1024, "arrow_pool_peak_mib": pa.default_memory_pool().max_memory()
-            / 2**20, "rows": rows}
+            / 2**20, "workers_peak_rss_mib": workers_peak, "rows": rows}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -119,7 +129,9 @@ def main() -> None:
             results.append(result)
             print(f"reduce {mode:<10}: {result['seconds']:6.1f} s; peak RSS +{result['rss_added_mib']:.0f} MiB "
                   f"(process {result['rss_peak_mib']:.0f} MiB), Arrow pool peak "
-                  f"{result['arrow_pool_peak_mib']:.0f} MiB" + (" (driver only)" if mode == "ray" else ""))
+                  f"{result['arrow_pool_peak_mib']:.0f} MiB"
+                  + (f" in the driver; Ray workers' peak RSS {result['workers_peak_rss_mib']:.0f} MiB"
+                     if mode == "ray" else ""))
         if len(results) == 2:
             same = results[0]["rows"] == results[1]["rows"]
             print(f"rows identical in-process vs Ray tasks: {same}")
