@@ -58,7 +58,7 @@ def main() -> None:
         t0 = time.perf_counter()
         store = RunStore(config.output_uri())
         run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()})
-        ctx = UnitContext.create(run_id=run_id, dataset=config.dataset, arch=config.resolved_arch,
+        ctx = UnitContext.create(run_id=run_id, dataset=dataset, arch=config.resolved_arch,
                                  recipe=config.resolved_recipe().to_dict(), chunk_size=config.chunk_size,
                                  store_uri=store.uri,
                                  forget_indices={k: fs.indices for k, fs in plan.forget_sets.items()})

@@ -87,6 +87,12 @@ def _config_options(fn):
         click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (TOML)."),
         click.option("--methods", help="'all' or comma-separated method names (see `raybench methods`)."),
         click.option("--dataset", help="Data set (default: digits, embedded, no download)."),
+        click.option("--data-root", type=click.Path(file_okay=False),
+                     help="Folder of downloadable data sets, e.g. cifar10 (default: $RAYBENCH_DATA, else "
+                          "~/.cache/raybench/data)."),
+        click.option("--easydub-source",
+                     help="Unlearn EasyDUB's published CIFAR-10 originals and score against its oracles instead of "
+                          "training them: a folder in the hub layout or the repo id easydub/EasyDUB-dataset."),
         click.option("--arch", help="Model architecture (default: the data set's)."),
         click.option("--n-models", type=int, help="Originals and oracles per forget set (default 100)."),
         click.option("--forget-sets", help="Comma-separated built-in ids or .npy/.txt files (default 1,2,3)."),
@@ -109,7 +115,9 @@ def _config_options(fn):
 def run_command(ctx: click.Context, config_path: str | None, params: tuple[str, ...], **options: object) -> None:
     """Train originals and oracles, unlearn, store margins as Parquet, and print the KLOM summary.
 
-    Rerunning with the same --out resumes: finished units are never recomputed.
+    With --easydub-source (or easydub_source in the config), EasyDUB's published originals and oracles are
+    imported instead of trained, and only the methods run. Rerunning with the same --out resumes: finished units
+    are never recomputed.
     """
     from raybench.config import ConfigError, build_config
     from raybench.engine import EngineError, execute
@@ -165,14 +173,20 @@ def reduce_command(out: str) -> None:
                    "only the needed files are downloaded.")
 @click.option("--forget-sets", required=True, help="Comma-separated EasyDUB forget-set ids, e.g. 2,5.")
 @click.option("--n-models", type=int, default=100, show_default=True,
-              help="Pretrain models and oracles per forget set to import (hub ids 0..N-1).")
+              help="Pretrain models to import (hub ids 0..N-1).")
+@click.option("--n-oracles", type=int, help="Oracles per forget set that score them (hub ids 0..K-1; default N).")
 @click.option("--out", required=True, help="Run folder to write: a path or a pyarrow URI (s3://, gs://).")
 @click.option("--oracle-floor", is_flag=True,
-              help="Also import oracles N..2N-1 as method 'oracle_floor': the oracle-vs-oracle noise floor.")
+              help="Also import oracles K..K+N-1 as method 'oracle_floor': the oracle-vs-oracle noise floor.")
+@click.option("--checkpoints", is_flag=True,
+              help="Also store the originals' published state dicts, stacked per block (what unlearning starts from).")
+@click.option("--block-size", type=int, default=50, show_default=True,
+              help="Models per stored unit; `raybench run` on the same folder must use the same.")
 @click.option("--chunk-size", type=int, default=8192, show_default=True, help="Samples per Parquet row.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache for downloads.")
-def import_easydub_command(source: str, forget_sets: str, n_models: int, out: str, oracle_floor: bool,
-                           chunk_size: int, cache_dir: str | None) -> None:
+def import_easydub_command(source: str, forget_sets: str, n_models: int, n_oracles: int | None, out: str,
+                           oracle_floor: bool, checkpoints: bool, block_size: int, chunk_size: int,
+                           cache_dir: str | None) -> None:
     """Write EasyDUB's published CIFAR-10 ResNet-9 margins (originals and oracles) into a run folder.
 
     Then `raybench reduce OUT` scores the do-nothing baseline exactly as EasyDUB's eval_pretrain.py does.
@@ -182,7 +196,8 @@ def import_easydub_command(source: str, forget_sets: str, n_models: int, out: st
 
     ids = [s.strip() for s in forget_sets.split(",") if s.strip()]
     try:
-        report = import_easydub(source, ids, n_models, out, oracle_floor=oracle_floor, chunk_size=chunk_size,
+        report = import_easydub(source, ids, n_models, out, n_oracles=n_oracles, oracle_floor=oracle_floor,
+                                checkpoints=checkpoints, block_size=block_size, chunk_size=chunk_size,
                                 cache_dir=cache_dir)
     except (EasyDubError, StoreError) as err:
         raise click.UsageError(str(err)) from err

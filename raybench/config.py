@@ -3,10 +3,15 @@
 Precedence: CLI option > TOML file > default. Everything is validated here, before Ray starts, so a typo costs
 an exit code 2 and a clear message, not a cluster allocation.
 
-TOML keys mirror the CLI (``dataset``, ``arch``, ``n_models``, ``forget_sets``, ``methods``, ``block_size``,
-``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``), plus tables ``[recipe]`` (base
-training overrides) and ``[params.<method>]`` (method parameters; a list value sweeps over its items, except
-``epochs``, the list of snapshots to score).
+TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``forget_sets``, ``methods``,
+``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``, ``easydub_source``),
+plus tables ``[recipe]`` (base training overrides) and ``[params.<method>]`` (method parameters; a list value
+sweeps over its items, except ``epochs``, the list of snapshots to score).
+
+``easydub_source`` (a folder in the EasyDUB hub layout, or the hub repo id) switches a CIFAR-10 / ResNet-9 run
+from training its own originals and oracles to EasyDUB's published ones: pretrain models ``0..n_models-1`` are
+the originals, oracles ``0..n_models-1`` of each forget set score KLOM, oracles from ``n_models`` on are the
+matching oracles of oracle matching, and only the unlearning runs here.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raybench.data import DATASETS
+from raybench.easydub import HUB_N_MODELS, run_identity
 from raybench.ids import digest
 from raybench.models import ARCHS
 from raybench.training import Recipe, default_recipe
@@ -46,6 +52,7 @@ class RunConfig:
     address: str = ""  # empty: start a local Ray (or join RAY_ADDRESS when set)
     num_cpus: int | None = None
     num_gpus: int | None = None
+    easydub_source: str = ""  # empty: train originals and oracles here; else use EasyDUB's published ones
 
     @property
     def resolved_arch(self) -> str:
@@ -62,7 +69,12 @@ class RunConfig:
             raise ConfigError(f"bad recipe: {err}") from err
 
     def identity(self) -> dict:
-        """What gives stored units their meaning; two configs with equal identity can share a run folder."""
+        """What gives stored units their meaning; two configs with equal identity can share a run folder.
+
+        An EasyDUB run's identity is the import's (``raybench.easydub.run_identity``): nothing here trained its
+        models, so no recipe or seed gives them their meaning (the recipe still goes into unlearn unit ids)."""
+        if self.easydub_source:
+            return run_identity(self.n_models, self.block_size, self.chunk_size)
         return {
             "dataset": self.dataset,
             "arch": self.resolved_arch,
@@ -144,6 +156,8 @@ def validate(config: RunConfig) -> None:
     if not isinstance(config.params, dict) or not all(isinstance(v, dict) for v in config.params.values()):
         raise ConfigError("params must be a table of tables: [params.<method>] key = value")
     config.resolved_recipe()
+    if config.easydub_source:
+        _validate_easydub(config)
     remote = bool(config.address) or bool(os.environ.get("RAY_ADDRESS"))
     out = config.output_uri()
     if remote and "://" not in out and not os.path.isabs(out):
@@ -151,3 +165,14 @@ def validate(config: RunConfig) -> None:
             f"--out {out!r} is relative but the run joins a Ray cluster: on a cluster, relative paths land in the "
             "job's temporary working dir; give an absolute path on shared storage or a URI (s3://, gs://)"
         )
+
+
+def _validate_easydub(config: RunConfig) -> None:
+    if (config.dataset, config.resolved_arch) != ("cifar10", "resnet9"):
+        raise ConfigError("easydub_source needs dataset = \"cifar10\" and arch = \"resnet9\": EasyDUB publishes "
+                          f"CIFAR-10 ResNet-9s (got {config.dataset} / {config.resolved_arch})")
+    bad = [fs for fs in config.forget_sets if not fs.isdigit() or fs.startswith("0")]
+    if bad:
+        raise ConfigError(f"forget sets of an EasyDUB run are EasyDUB's ids 1..10, got {', '.join(bad)}")
+    if config.n_models > HUB_N_MODELS:
+        raise ConfigError(f"n_models = {config.n_models}: EasyDUB publishes {HUB_N_MODELS} models per role")

@@ -23,8 +23,16 @@ How the files map to raybench's splits, so that reduce computes what EasyDUB's `
 * oracles (``role=oracle``, one unit per forget set): their retain and forget margins are scattered back to
   train-id order (retain → R ascending, forget → F in file order), so the stored ``train`` split covers every id
   and reduce's retain / forget views give back the two files column for column; ``val`` as is.
-* ``oracle_floor=True`` also imports oracles ``n_models .. 2·n_models-1`` as the "unlearned" models of a method
-  ``oracle_floor``: its summary rows are the oracle-vs-oracle noise floor (METHODS.md §1.6, §6.1).
+* ``oracle_floor=True`` also imports oracles ``n_oracles .. n_oracles+n_models-1`` as the "unlearned" models of a
+  method ``oracle_floor``: its summary rows are the oracle-vs-oracle noise floor (METHODS.md §1.6, §6.1).
+* ``matching_oracles=k`` imports oracles ``n_oracles .. n_oracles+k-1`` of every forget set as ``matching_oracle``
+  units (margins and checkpoints): the oracles oracle matching fine-tunes against, disjoint from the scoring ones.
+* ``checkpoints=True`` also stores each block of originals as a stacked checkpoint, which is what a run's unlearn
+  units start from (``UnitContext.load_stack``): ``raybench run`` with ``easydub_source`` set imports this way,
+  then runs every method on the published originals (``import_for_run``).
+
+Units come in blocks of ``block_size`` models, with ids derived from what they hold (``import_unit_id``), so a
+run's plan names exactly the units an import wrote, and an import rerun skips them.
 
 Epochs: hub files are 0-based epoch 23; raybench stores the number of epochs trained, 24 (``STORED_EPOCH``), as
 its own train units do. Seeds: hub models were not seeded by raybench; their ``seed`` column is -1 and
@@ -54,10 +62,12 @@ log = logging.getLogger(__name__)
 
 HUB_REPO = "easydub/EasyDUB-dataset"
 HUB_EPOCH = 23  # the 0-based epoch in every published file name
+HUB_N_MODELS = 200  # pretrain models, and oracles per forget set, on the hub (ids 0..199)
 STORED_EPOCH = 24  # epochs trained: what raybench's own train units store
 NO_SEED = -1  # the seed column of a hub model: not seeded by raybench
 FLOOR_METHOD = "oracle_floor"
-DEFAULT_CHUNK_SIZE = 8192  # RunConfig's default, so an import and a raybench run chunk alike
+DEFAULT_CHUNK_SIZE = 8192  # RunConfig's defaults, so an import and a raybench run chunk and block alike
+DEFAULT_BLOCK_SIZE = 50
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FORGET_ID = re.compile(r"[1-9]\d*")
 _MODEL_ID = re.compile(r"id_(\d+)_epoch_\d+")
@@ -93,15 +103,42 @@ def checkpoint_file(model_id: int, forget_set: str | None = None) -> str:
     return f"models/cifar10/{role}/resnet9/{_file(model_id, 'pt')}"
 
 
-def needed_files(forget_sets: Sequence[str], n_models: int, *, oracle_floor: bool = False) -> list[str]:
+def needed_files(forget_sets: Sequence[str], n_models: int, *, n_oracles: int | None = None,
+                 oracle_floor: bool = False, matching_oracles: int = 0, checkpoints: bool = False) -> list[str]:
     """Every hub file ``import_easydub`` reads, and nothing else (the ``allow_patterns`` of a download)."""
-    n_oracles = 2 * n_models if oracle_floor else n_models
+    n_oracles = n_models if n_oracles is None else n_oracles
+    n_extra = max(n_models if oracle_floor else 0, matching_oracles)  # oracles beyond the scoring ones
     files = [pretrain_margins_path(split, i) for split in ("retain", "val") for i in range(n_models)]
+    if checkpoints:
+        files += [checkpoint_file(i) for i in range(n_models)]
     for fs in forget_sets:
         files.append(forget_set_file(fs))
         files += [pretrain_margins_path("forget", i, fs) for i in range(n_models)]
-        files += [oracle_margins_path(fs, split, i) for split in ("retain", "forget", "val") for i in range(n_oracles)]
+        files += [oracle_margins_path(fs, split, i) for split in ("retain", "forget", "val")
+                  for i in range(n_oracles + n_extra)]
+        files += [checkpoint_file(i, fs) for i in range(n_oracles, n_oracles + matching_oracles)]
     return files
+
+
+def run_identity(n_models: int, block_size: int, chunk_size: int, n_oracles: int | None = None) -> dict:
+    """The run identity of a folder of imported EasyDUB models (``RunStore.open_run``): an import and a
+    ``raybench run`` with ``easydub_source`` compute it alike, so they share one folder."""
+    identity = {"dataset": "cifar10", "arch": "resnet9", "source": "easydub", "hub_epoch": HUB_EPOCH,
+                "n_models": n_models, "block_size": block_size, "chunk_size": chunk_size}
+    if n_oracles is not None and n_oracles != n_models:
+        identity["n_oracles"] = n_oracles
+    return identity
+
+
+def import_unit_id(identity: dict, role: str, forget_set: str, method: str, model_ids: Sequence[int]) -> str:
+    """Stable id of an imported unit: what it holds (role, forget set, hub model ids) in which run."""
+    return digest({"kind": "import", "source": "easydub", "role": role, "forget_set": forget_set,
+                   "method": method, "model_ids": list(model_ids), "identity": identity})
+
+
+def id_blocks(first: int, count: int, size: int) -> list[tuple[int, ...]]:
+    """Hub ids ``first .. first+count-1`` in blocks of ``size``: the units of one imported ensemble."""
+    return [tuple(range(start, min(first + count, start + size))) for start in range(first, first + count, size)]
 
 
 # -- getting the files -----------------------------------------------------------------------------------------------
@@ -211,36 +248,48 @@ class ImportReport:
     n_val: int
     units_written: list[str]
     units_skipped: list[str]
-    forget_set_sizes: dict[str, int]
+    forget_sets: dict[str, np.ndarray]  # id -> indices, in file order
     notes: list[str]
+
+    @property
+    def forget_set_sizes(self) -> dict[str, int]:
+        return {fs: len(idx) for fs, idx in self.forget_sets.items()}
 
 
 def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int, out: str, *,
-                   n_oracles: int | None = None, oracle_floor: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   cache_dir: str | Path | None = None) -> ImportReport:
-    """Write EasyDUB's margins of models ``0..n_models-1`` (originals, and oracles of each forget set) into the
-    run folder ``out`` (a path or pyarrow URI); see the module docstring for the mapping. Needs no Ray.
+                   n_oracles: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, oracle_floor: bool = False,
+                   matching_oracles: int = 0, checkpoints: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   expect_sizes: tuple[int, int] | None = None, cache_dir: str | Path | None = None
+                   ) -> ImportReport:
+    """Write EasyDUB's margins of pretrain models ``0..n_models-1`` (originals) and oracles ``0..n_oracles-1``
+    of each forget set into the run folder ``out`` (a path or pyarrow URI); see the module docstring for the
+    mapping and for ``oracle_floor``, ``matching_oracles`` and ``checkpoints``. Needs no Ray.
 
     ``source`` is a local folder in the hub layout or a hub repo id (only the needed files are downloaded, into
-    ``cache_dir`` or the Hugging Face cache). ``n_oracles`` must equal ``n_models``: ``raybench.reduce`` scores an
-    ensemble only against as many oracles. Rerunning with more forget sets adds them; finished units are kept.
+    ``cache_dir`` or the Hugging Face cache). ``n_oracles`` defaults to ``n_models``. ``expect_sizes`` =
+    (train, val) samples the margins must cover (the images a run unlearns with). Rerunning with more forget
+    sets adds them; finished units are kept.
     """
     forget_sets = [str(fs).strip() for fs in forget_sets]
     bad = [fs for fs in forget_sets if not _FORGET_ID.fullmatch(fs)]
     if not forget_sets or bad or len(set(forget_sets)) != len(forget_sets):
         raise EasyDubError(f"forget sets must be distinct positive integers like 2,5 (EasyDUB ids), got {forget_sets}")
-    if not isinstance(n_models, int) or n_models < 2:
-        raise EasyDubError(f"n_models must be an integer >= 2 (KLOM compares distributions), got {n_models!r}")
-    if n_oracles is not None and n_oracles != n_models:
-        raise EasyDubError(f"n_oracles={n_oracles} != n_models={n_models}: raybench reduce scores an ensemble "
-                           "against as many oracles as it has models")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise EasyDubError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    n_oracles = n_models if n_oracles is None else n_oracles
+    for name, value, low in (("n_models", n_models, 2), ("n_oracles", n_oracles, 2), ("block_size", block_size, 1),
+                             ("chunk_size", chunk_size, 1), ("matching_oracles", matching_oracles, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            why = " (KLOM compares distributions)" if low == 2 else ""
+            raise EasyDubError(f"{name} must be an integer >= {low}{why}, got {value!r}")
 
-    root = hub_folder(source, needed_files(forget_sets, n_models, oracle_floor=oracle_floor), cache_dir=cache_dir)
+    files = needed_files(forget_sets, n_models, n_oracles=n_oracles, oracle_floor=oracle_floor,
+                         matching_oracles=matching_oracles, checkpoints=checkpoints)
+    root = hub_folder(source, files, cache_dir=cache_dir)
     reader = _Reader(root)
     n_train = len(reader.vector(pretrain_margins_path("retain", 0)))
     n_val = len(reader.vector(pretrain_margins_path("val", 0)))
+    if expect_sizes is not None and (n_train, n_val) != tuple(expect_sizes):
+        raise EasyDubError(f"the hub margins cover {n_train} train / {n_val} val samples, the data set here has "
+                           f"{expect_sizes[0]} / {expect_sizes[1]}: they were not computed on these images")
     indices = {}
     for fs in forget_sets:
         what = f"forget-set file {forget_set_file(fs)} in {root}"
@@ -251,39 +300,45 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
         indices[fs] = validate_indices(raw, n_train, source=what)
 
     store = RunStore(out)
-    identity = {"dataset": "cifar10", "arch": "resnet9", "source": "easydub", "hub_epoch": HUB_EPOCH,
-                "n_models": n_models, "chunk_size": chunk_size, "n_train": n_train, "n_val": n_val}
+    identity = run_identity(n_models, block_size, chunk_size, n_oracles)
     run_id = store.open_run(identity)
-    _write_once(store, "dataset.json", {
-        "name": "cifar10", "fingerprint": None, "n_train": n_train, "n_val": n_val,
-        "source_train": list(range(n_train)), "source_val": list(range(n_val))})
+    _record_dataset(store, n_train, n_val)
     for fs, idx in indices.items():
         _record_forget_set(store, fs, idx)
 
     writer = _UnitWriter(store, run_id, identity, chunk_size)
-    ids = list(range(n_models))
     # read even when the originals are already stored: every forget set's consistency check needs it
-    pretrain_train = reader.matrix([pretrain_margins_path("retain", i) for i in ids], n_train)
-    writer.write("original", "none", "none", ids, lambda: {
-        "train": pretrain_train, "val": reader.matrix([pretrain_margins_path("val", i) for i in ids], n_val)})
+    pretrain_train = reader.matrix([pretrain_margins_path("retain", i) for i in range(n_models)], n_train)
+    for ids in id_blocks(0, n_models, block_size):
+        rows = slice(ids[0], ids[-1] + 1)
+        writer.write("original", "none", "none", ids, lambda ids=ids, rows=rows: {
+            "train": pretrain_train[rows], "val": reader.matrix([pretrain_margins_path("val", i) for i in ids], n_val)},
+            checkpoint=[root / checkpoint_file(i) for i in ids] if checkpoints else None)
     checks = {}
     for fs, idx in indices.items():
         retain = np.flatnonzero(~np.isin(np.arange(n_train), idx))
-        writer.write("oracle", fs, "none", ids, lambda fs=fs, idx=idx, retain=retain:
-                     _oracle_margins(reader, fs, ids, idx, retain, n_train, n_val))
+
+        def oracle_margins(ids: tuple[int, ...], fs: str = fs, idx: np.ndarray = idx, retain: np.ndarray = retain
+                           ) -> Callable[[], dict[str, np.ndarray]]:
+            return lambda: _oracle_margins(reader, fs, list(ids), idx, retain, n_train, n_val)
+
+        for ids in id_blocks(0, n_oracles, block_size):
+            writer.write("oracle", fs, "none", ids, oracle_margins(ids))
+        for ids in id_blocks(n_oracles, matching_oracles, block_size):
+            writer.write("matching_oracle", fs, "none", ids, oracle_margins(ids),
+                         checkpoint=[root / checkpoint_file(i, fs) for i in ids])
         if oracle_floor:
-            floor_ids = list(range(n_models, 2 * n_models))
-            writer.write("unlearned", fs, FLOOR_METHOD, floor_ids, lambda fs=fs, idx=idx, retain=retain,
-                         floor_ids=floor_ids: _oracle_margins(reader, fs, floor_ids, idx, retain, n_train, n_val))
-        checks[fs] = _check_pretrain_forget(reader, fs, ids, idx, pretrain_train)
+            for ids in id_blocks(n_oracles, n_models, block_size):
+                writer.write("unlearned", fs, FLOOR_METHOD, ids, oracle_margins(ids))
+        checks[fs] = _check_pretrain_forget(reader, fs, list(range(n_models)), idx, pretrain_train)
 
     staging = store.path("staging")  # each unit removed its own folder; drop the parent it leaves if empty
     if not [i for i in store.fs.get_file_info(pafs.FileSelector(staging, recursive=True, allow_not_found=True))
             if i.type == pafs.FileType.File]:
         store.remove_dir(staging)
     record = _update_record(store, source, root, checks, reader, indices)
-    return ImportReport(run_id, store.uri, str(source), n_train, n_val, writer.written, writer.skipped,
-                        {fs: len(idx) for fs, idx in indices.items()}, record["notes"])
+    return ImportReport(run_id, store.uri, str(source), n_train, n_val, writer.written, writer.skipped, indices,
+                        record["notes"])
 
 
 def _oracle_margins(reader: _Reader, fs: str, ids: list[int], idx: np.ndarray, retain: np.ndarray, n_train: int,
@@ -312,18 +367,26 @@ def _check_pretrain_forget(reader: _Reader, fs: str, ids: list[int], idx: np.nda
 
 
 class _UnitWriter:
-    """Commits one unit per (role, forget set, method): Parquet written with pyarrow, then ``commit_unit``."""
+    """Commits one unit per block of models: Parquet written with pyarrow, checkpoint, then ``commit_unit``."""
 
     def __init__(self, store: RunStore, run_id: str, identity: dict, chunk_size: int) -> None:
         self.store, self.run_id, self.identity, self.chunk_size = store, run_id, identity, chunk_size
         self.written: list[str] = []
         self.skipped: list[str] = []
 
-    def write(self, role: str, forget_set: str, method: str, model_ids: list[int],
-              load: Callable[[], dict[str, np.ndarray]]) -> None:
-        """Commit the unit unless it is already complete; ``load`` reads its margins only when needed."""
-        unit = digest({"kind": "import", "source": "easydub", "role": role, "forget_set": forget_set,
-                       "method": method, "model_ids": model_ids, "identity": self.identity})
+    def write(self, role: str, forget_set: str, method: str, model_ids: Sequence[int],
+              load: Callable[[], dict[str, np.ndarray]], checkpoint: list[Path] | None = None) -> None:
+        """Commit the unit unless it is already complete; ``load`` reads its margins only when needed.
+
+        ``checkpoint``: the models' state-dict files, stacked into the unit's checkpoint before the manifest is
+        written (a committed unit's checkpoint is always readable); added to a unit an earlier import committed
+        without one."""
+        model_ids = [int(i) for i in model_ids]
+        unit = import_unit_id(self.identity, role, forget_set, method, model_ids)
+        has_checkpoint = checkpoint is None or self.store.exists(self.store.checkpoint_path(unit))
+        if not has_checkpoint:
+            stack = load_easydub_checkpoints(checkpoint, seeds=model_ids)
+            self.store.write_checkpoint(unit, {"seeds": model_ids, "state": stack.state_dict()})
         if self.store.is_complete(unit):
             self.skipped.append(unit)
             return
@@ -347,13 +410,30 @@ class _UnitWriter:
         self.written.append(unit)
 
 
-def _write_once(store: RunStore, name: str, obj: dict) -> None:
-    path = store.path(name)
+def _record_dataset(store: RunStore, n_train: int, n_val: int) -> None:
+    """``dataset.json``: the sizes the hub margins cover. Its fingerprint stays null until a run that unlearns
+    with images records theirs (``record_images``)."""
+    record = {"name": "cifar10", "fingerprint": None, "n_train": n_train, "n_val": n_val,
+              "source_train": list(range(n_train)), "source_val": list(range(n_val))}
+    path = store.path("dataset.json")
     if store.exists(path):
-        if store.read_json(path) != obj:
-            raise EasyDubError(f"{store.uri}/{name} differs from what this import would write; use a new --out")
+        existing = store.read_json(path)
+        if {**existing, "fingerprint": None} != record:
+            raise EasyDubError(f"{store.uri}/dataset.json differs from what this import would write; use a new --out")
         return
-    store.write_json(path, obj)
+    store.write_json(path, record)
+
+
+def record_images(store: RunStore, fingerprint: str) -> None:
+    """Note in ``dataset.json`` which images the run's methods unlearn with; refuse other images later on, since
+    the stored unlearned margins were computed on the first ones."""
+    path = store.path("dataset.json")
+    record = store.read_json(path)
+    if record.get("fingerprint") not in (None, fingerprint):
+        raise EasyDubError(f"{store.uri} was unlearned with other CIFAR-10 images (fingerprint "
+                           f"{record['fingerprint']}, these are {fingerprint}); use a new --out folder")
+    if record.get("fingerprint") is None:
+        store.write_json(path, {**record, "fingerprint": fingerprint})
 
 
 def _record_forget_set(store: RunStore, fs: str, idx: np.ndarray) -> None:

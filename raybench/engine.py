@@ -2,7 +2,10 @@
 
 * A pool of worker actors (one GPU each when the cluster has GPUs, else fractional CPUs so that Ray Data always
   finds a free CPU, RAY.md §5.1) keeps the data set resident and runs one *unit* (a stacked block of models) per
-  call. Calls return two objects: the unit's margins as an Arrow table and its metadata.
+  call. Calls return two objects: the unit's margins as an Arrow table and its metadata. The data set is the
+  driver's loaded copy, put in the object store once: worker nodes need no data root.
+* An EasyDUB run (``easydub_source``) first imports the published models on the driver (``import_published``);
+  its plan then holds only unlearn units to run.
 * As units finish, their tables go into a Ray Dataset (``from_arrow_refs``, no copy through the driver) that is
   written to Parquet (``partition_cols=["unit"]``) under ``staging/``; each unit is then committed (moved into
   its hive folder, manifest written last). Writing happens in waves while the actors keep training.
@@ -31,8 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raybench.config import ConfigError, RunConfig
-from raybench.data import load_dataset
-from raybench.plan import Plan, Unit, make_plan
+from raybench.data import Dataset, ForgetSet, load_dataset
+from raybench.easydub import HUB_N_MODELS, EasyDubError, import_easydub, record_images
+from raybench.plan import Plan, Unit, make_plan, matching_oracle_count, plan_method_runs
 from raybench.store import RunStore, StoreError
 from raybench.units import UnitContext, run_unit
 
@@ -133,18 +137,28 @@ def execute(config: RunConfig, *, verbose: bool = False,
             progress: Callable[[str], None] | None = None) -> tuple[Plan, RunStore, RunReport]:
     """Plan the run, skip finished units, run the rest on Ray; the summary is made by ``reduce`` afterwards."""
     t0 = time.perf_counter()
-    dataset = load_dataset(config.dataset, config.data_root or None)
-    plan = make_plan(config, dataset)
+    try:
+        dataset = load_dataset(config.dataset, config.data_root or None)
+    except ValueError as err:  # CIFAR-10 missing and offline, corrupted files: the user's to fix, exit code 2
+        raise ConfigError(str(err)) from err
     store = RunStore(config.output_uri())
-    run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()})
-    store.write_json(store.path("dataset.json"), {
-        "name": dataset.name, "fingerprint": dataset.fingerprint(), "n_train": dataset.n_train,
-        "n_val": dataset.n_val, "source_train": dataset.source_train.tolist(),
-        "source_val": dataset.source_val.tolist()})
+    if config.easydub_source:
+        plan = make_plan(config, dataset, import_published(config, dataset, store))
+        run_id = store.open_run(config.identity())
+    else:
+        plan = make_plan(config, dataset)
+        run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()})
+        store.write_json(store.path("dataset.json"), {
+            "name": dataset.name, "fingerprint": dataset.fingerprint(), "n_train": dataset.n_train,
+            "n_val": dataset.n_val, "source_train": dataset.source_train.tolist(),
+            "source_val": dataset.source_val.tolist()})
     forget_indices = record_forget_sets(store, plan)
     store.clean_uncommitted()  # leftovers of an interrupted driver or a killed worker: never committed, never read
     done = store.completed_units()
     todo = [u for u in plan.units if u.id not in done]
+    missing = [u.id for u in todo if u.kind == "import"]
+    if missing:  # the plan and the import disagree on unit ids: a bug, never something to train around
+        raise StoreError(f"{len(missing)} imported unit(s) the plan needs are not in {store.uri}: {missing[:3]}")
     report = RunReport(run_id, store.uri, len(plan.units), len(plan.units) - len(todo), 0)
     say = progress or (lambda msg: log.info(msg))
     if report.units_skipped:
@@ -154,7 +168,7 @@ def execute(config: RunConfig, *, verbose: bool = False,
     if todo:
         owns_ray = start_ray(config, verbose)
         try:
-            _run_units(todo, plan, store, run_id, forget_indices, report, say)
+            _run_units(todo, plan, dataset, store, run_id, forget_indices, report, say)
         finally:
             if owns_ray:
                 import ray
@@ -166,6 +180,32 @@ def execute(config: RunConfig, *, verbose: bool = False,
                           for uid, err in report.failed.items())
         raise EngineError(f"{len(report.failed)} unit(s) failed (the rest are saved; rerun to retry):\n{lines}")
     return plan, store, report
+
+
+def import_published(config: RunConfig, dataset: Dataset, store: RunStore) -> dict[str, ForgetSet]:
+    """An EasyDUB run's first step, on the driver (``raybench.easydub``): import the published originals (with
+    checkpoints unless do_nothing is the only method), the scoring oracles and the matching oracles oracle
+    matching needs; return the forget sets, read from the hub files. Finished imports are skipped, so this is
+    cheap on a rerun."""
+    method_runs = plan_method_runs(config)
+    n_matching = matching_oracle_count(config, method_runs)
+    if config.n_models + n_matching > HUB_N_MODELS:
+        raise ConfigError(f"oracle matching needs {n_matching} matching oracles beside the {config.n_models} that "
+                          f"score KLOM, and EasyDUB has {HUB_N_MODELS} oracles per forget set: lower n_models (with "
+                          "pairing = \"per_model\") or num_oracles (pairing = \"mean\")")
+    try:
+        report = import_easydub(config.easydub_source, config.forget_sets, config.n_models, store.uri,
+                                block_size=config.block_size, chunk_size=config.chunk_size,
+                                matching_oracles=n_matching,
+                                checkpoints=any(r.method.fn is not None for r in method_runs),  # do_nothing: none
+                                expect_sizes=(dataset.n_train, dataset.n_val))
+        record_images(store, dataset.fingerprint())
+    except EasyDubError as err:
+        raise ConfigError(str(err)) from err
+    log.info("EasyDUB import into %s: %d units written, %d already there", store.uri, len(report.units_written),
+             len(report.units_skipped))
+    return {fs: ForgetSet(fs, idx, f"EasyDUB forget set {fs} ({len(idx)} train samples)")
+            for fs, idx in report.forget_sets.items()}
 
 
 def _worker_options(n_units: int) -> tuple[int, dict, int]:
@@ -258,16 +298,15 @@ class _Pool:
             ray.kill(actor)
 
 
-def _run_units(todo: list[Unit], plan: Plan, store: RunStore, run_id: str, forget_indices: dict[str, np.ndarray],
-               report: RunReport, say: Callable[[str], None]) -> None:
+def _run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, run_id: str,
+               forget_indices: dict[str, np.ndarray], report: RunReport, say: Callable[[str], None]) -> None:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     config = plan.config
     n_workers, options, threads = _worker_options(len(todo))
     report.n_workers = n_workers
-    ctx_kwargs = {"run_id": run_id, "dataset": config.dataset, "data_root": config.data_root or None,
-                  "arch": config.resolved_arch,
+    ctx_kwargs = {"run_id": run_id, "dataset": dataset, "arch": config.resolved_arch,
                   "recipe": config.resolved_recipe().to_dict(), "chunk_size": config.chunk_size,
                   "store_uri": store.uri, "forget_indices": forget_indices}
     ctx_ref = ray.put(ctx_kwargs)  # held by the driver for the whole run: restarted actors read it again

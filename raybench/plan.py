@@ -10,6 +10,10 @@ Units:
   (METHODS.md §3.3); unlearn units of such methods also depend on them.
 
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
+
+With ``easydub_source`` set, originals, oracles and matching oracles are not trained: they are ``import`` units
+(EasyDUB's published models, written by ``raybench.easydub.import_easydub`` before anything runs, under the ids
+``import_unit_id`` gives them), and only the unlearn units run on Ray.
 A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed.
 """
 
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, resolve_forget_set
+from raybench.easydub import NO_SEED, id_blocks, import_unit_id
 from raybench.ids import digest, ensemble_seeds, model_seed
 from raybench.methods import Method, expand_grid, params_json, resolve_methods, snapshot_epochs
 
@@ -30,8 +35,8 @@ class Unit:
     """One Ray call's worth of work; a plain, picklable description (the worker rebuilds everything from it)."""
 
     id: str
-    kind: str  # "train" | "unlearn"
-    role: str  # "original" | "oracle" | "unlearned"
+    kind: str  # "train" | "unlearn" | "import" (published models, committed before the run starts)
+    role: str  # "original" | "oracle" | "matching_oracle" | "unlearned"
     forget_set: str
     model_ids: tuple[int, ...]
     seeds: tuple[int, ...]
@@ -74,18 +79,22 @@ def _blocks(n: int, size: int) -> list[tuple[int, ...]]:
     return [tuple(range(start, min(n, start + size))) for start in range(0, n, size)]
 
 
-def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, method_runs: list[MethodRun],
-                      identity: dict) -> list[Unit]:
-    """Train units for the oracles that oracle-matching methods fine-tune against (disjoint seeds)."""
+def matching_oracle_count(config: RunConfig, method_runs: list[MethodRun]) -> int:
+    """How many matching oracles per forget set the oracle-matching runs need (0 when there are none)."""
     counts = [config.n_models if r.params.get("pairing") == "per_model" else int(r.params.get("num_oracles", 1))
               for r in method_runs if r.method.needs_oracles]
-    if not counts:
-        return []
-    if min(counts) < 1:
+    if counts and min(counts) < 1:
         raise ConfigError(f"num_oracles must be at least 1, got {min(counts)}")
+    return max(counts, default=0)
+
+
+def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, count: int, identity: dict) -> list[Unit]:
+    """Train units for the oracles that oracle-matching methods fine-tune against (disjoint seeds)."""
+    if config.easydub_source:  # published oracles beyond the scoring ones (hub ids n_models..)
+        return _imported(identity, "matching_oracle", fs_id, config.n_models, count, config.block_size)
     units = []
-    all_seeds = ensemble_seeds(config.seed, "matching_oracle", fs_id, n=max(counts))
-    for ids in _blocks(max(counts), config.block_size):
+    all_seeds = ensemble_seeds(config.seed, "matching_oracle", fs_id, n=count)
+    for ids in _blocks(count, config.block_size):
         seeds = tuple(all_seeds[i] for i in ids)
         unit_id = digest({"kind": "train", "role": "matching_oracle", "forget": fs_digest, "seeds": seeds,
                           "identity": identity})
@@ -93,21 +102,21 @@ def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, method_runs
     return units
 
 
-def make_plan(config: RunConfig, dataset: Dataset) -> Plan:
-    """All units of ``config``, originals first, then oracles, then unlearning (a valid execution order)."""
-    identity = config.identity()
+def _imported(identity: dict, role: str, fs_id: str, first: int, count: int, block_size: int) -> list[Unit]:
+    """The import units holding EasyDUB's models ``first .. first+count-1`` of one role and forget set."""
+    return [Unit(import_unit_id(identity, role, fs_id, "none", ids), "import", role, fs_id, ids,
+                 (NO_SEED,) * len(ids)) for ids in id_blocks(first, count, block_size)]
+
+
+def plan_method_runs(config: RunConfig) -> list[MethodRun]:
+    """Every (method, parameter combination) of the run, with its snapshot epochs."""
     try:
-        resolved = [resolve_forget_set(spec, dataset) for spec in config.forget_sets]
         methods = resolve_methods(config.methods)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    forget_sets = {fs.id: fs for fs in resolved}  # keyed by id: a file's id is its stem
-    if len(forget_sets) != len(resolved):
-        raise ConfigError(f"two forget sets share an id: {', '.join(fs.id for fs in resolved)} (rename a file)")
     unknown = sorted(set(config.params) - {m.name for m in methods})
     if unknown:
         raise ConfigError(f"parameters given for method(s) not in this run: {', '.join(unknown)}")
-
     method_runs = []
     for method in methods:
         overrides = config.params.get(method.name, {})
@@ -117,27 +126,53 @@ def make_plan(config: RunConfig, dataset: Dataset) -> Plan:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         method_runs.extend(MethodRun(method, params, epochs) for params in grid)
+    return method_runs
 
-    blocks = _blocks(config.n_models, config.block_size)
+
+def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, ForgetSet] | None = None) -> Plan:
+    """All units of ``config``, originals first, then oracles, then unlearning (a valid execution order).
+
+    ``forget_sets`` (id -> set) replaces resolving ``config.forget_sets`` on ``dataset``: an EasyDUB run takes
+    them from the hub files it imported.
+    """
+    identity = config.identity()
+    if forget_sets is None:
+        try:
+            resolved = [resolve_forget_set(spec, dataset) for spec in config.forget_sets]
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        forget_sets = {fs.id: fs for fs in resolved}  # keyed by id: a file's id is its stem
+        if len(forget_sets) != len(resolved):
+            raise ConfigError(f"two forget sets share an id: {', '.join(fs.id for fs in resolved)} (rename a file)")
+    method_runs = plan_method_runs(config)
+    n_matching = matching_oracle_count(config, method_runs)
+    recipe = config.resolved_recipe().to_dict()
+
     units: list[Unit] = []
-    originals = []
-    original_seeds = ensemble_seeds(config.seed, "original", n=config.n_models)
-    for ids in blocks:
-        seeds = tuple(original_seeds[i] for i in ids)
-        unit_id = digest({"kind": "train", "role": "original", "seeds": seeds, "identity": identity})
-        originals.append(Unit(unit_id, "train", "original", NO_FORGET_SET, ids, seeds))
+    if config.easydub_source:
+        originals = _imported(identity, "original", NO_FORGET_SET, 0, config.n_models, config.block_size)
+    else:
+        originals = []
+        original_seeds = ensemble_seeds(config.seed, "original", n=config.n_models)
+        for ids in _blocks(config.n_models, config.block_size):
+            seeds = tuple(original_seeds[i] for i in ids)
+            unit_id = digest({"kind": "train", "role": "original", "seeds": seeds, "identity": identity})
+            originals.append(Unit(unit_id, "train", "original", NO_FORGET_SET, ids, seeds))
     units.extend(originals)
     for fs in forget_sets.values():
+        if config.easydub_source:
+            units.extend(_imported(identity, "oracle", fs.id, 0, config.n_models, config.block_size))
+            continue
         fs_digest = digest(fs.indices.tolist())
         oracle_seeds = ensemble_seeds(config.seed, "oracle", fs.id, n=config.n_models)
-        for ids in blocks:
+        for ids in _blocks(config.n_models, config.block_size):
             seeds = tuple(oracle_seeds[i] for i in ids)
             unit_id = digest({"kind": "train", "role": "oracle", "forget": fs_digest, "seeds": seeds,
                               "identity": identity})
             units.append(Unit(unit_id, "train", "oracle", fs.id, ids, seeds))
     for fs in forget_sets.values():
         fs_digest = digest(fs.indices.tolist())
-        matching = _matching_oracles(config, fs.id, fs_digest, method_runs, identity)
+        matching = _matching_oracles(config, fs.id, fs_digest, n_matching, identity) if n_matching else []
         units.extend(matching)
         for run in method_runs:
             if run.method.fn is None:
@@ -145,9 +180,11 @@ def make_plan(config: RunConfig, dataset: Dataset) -> Plan:
             needs = tuple(u.id for u in matching) if run.method.needs_oracles else ()
             for original in originals:
                 method_seed = model_seed(config.seed, "method", run.method.name, fs.id)
+                # the recipe is in the id because methods read it (batch sizes, weight decay); for trained
+                # originals it is also in their id, for imported ones it is not
                 unit_id = digest({"kind": "unlearn", "method": run.method.name, "params": run.params,
                                   "epochs": run.epochs, "forget": fs_digest, "depends": (original.id, *needs),
-                                  "method_seed": method_seed})
+                                  "method_seed": method_seed, "recipe": recipe})
                 units.append(Unit(unit_id, "unlearn", "unlearned", fs.id, original.model_ids, original.seeds,
                                   run.method.name, run.params, run.epochs, (original.id, *needs), method_seed))
     return Plan(config, forget_sets, tuple(method_runs), tuple(units))

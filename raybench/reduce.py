@@ -165,6 +165,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     info = store.run_info()
     identity = info["identity"]
     n_models, chunk_size = identity["n_models"], identity["chunk_size"]
+    n_oracles = identity.get("n_oracles", n_models)  # an import can score N models against more oracles
     dataset = store.read_json(store.path("dataset.json"))
     n_split = {"train": dataset["n_train"], "val": dataset["n_val"]}
     role_groups, oracle_groups, method_groups = _groups(store.completed_units())
@@ -175,7 +176,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
         if forget_sets is not None and fs not in forget_sets:
             continue
         oracle = oracle_groups[fs]
-        if not _check_complete(oracle, n_models, f"oracles of forget set {fs}"):
+        if not _check_complete(oracle, n_oracles, f"oracles of forget set {fs}"):
             continue
         forget_idx = np.asarray(store.read_json(store.path("forget_sets", f"{fs}.json"))["indices"], dtype=np.int64)
         candidates = [(original, [0])] + [(g, g.epochs) for (f, _, _), g in sorted(method_groups.items()) if f == fs]

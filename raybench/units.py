@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raybench.data import Dataset, load_dataset
+from raybench.data import Dataset
 from raybench.methods import UnlearnData, get_method
 from raybench.models import StackedModel, build_stack, concat_stacks
 from raybench.plan import Unit
@@ -41,10 +41,11 @@ class UnitContext:
     forget_indices: dict[str, np.ndarray]
 
     @classmethod
-    def create(cls, *, run_id: str, dataset: str, arch: str, recipe: dict, chunk_size: int, store_uri: str,
-               forget_indices: dict[str, np.ndarray], device: str = "cpu", data_root: str | None = None
-               ) -> UnitContext:
-        ds = load_dataset(dataset, data_root)
+    def create(cls, *, run_id: str, dataset: Dataset, arch: str, recipe: dict, chunk_size: int, store_uri: str,
+               forget_indices: dict[str, np.ndarray], device: str = "cpu") -> UnitContext:
+        """``dataset`` is the driver's loaded copy (shipped through the object store): workers on other nodes
+        need neither the data root nor a download, and every worker sees the very arrays the driver planned on."""
+        ds = dataset
         dev = torch.device(device)
         return cls(
             run_id=run_id, dataset=ds, arch=arch, recipe=Recipe(**recipe), chunk_size=chunk_size,

@@ -43,32 +43,59 @@ def margins(rng: np.random.Generator, center: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def build_hub(root: Path, seed: int = 0) -> Path:
-    """``models/``, ``margins/`` and ``forget_sets/`` exactly as the hub lays them out, for 8 models."""
+def build_hub(root: Path, seed: int = 0, *, n_train: int = N_TRAIN, n_val: int = N_VAL, n_hub: int = N_HUB,
+              forget: dict[str, np.ndarray] | None = None, checkpoints: bool = False) -> Path:
+    """``models/``, ``margins/`` and ``forget_sets/`` exactly as the hub lays them out, for ``n_hub`` models.
+
+    ``checkpoints``: real ResNet-9 state dicts under the published key names (else placeholder bytes, which the
+    margin import must never open)."""
     rng = np.random.default_rng(seed)
-    center_train, center_val = rng.normal(4, 3, N_TRAIN), rng.normal(2, 3, N_VAL)
-    pre_train, pre_val = margins(rng, center_train, N_HUB), margins(rng, center_val, N_HUB)
+    forget = {**FORGET, "3": np.arange(40)} if forget is None else forget
+    center_train, center_val = rng.normal(4, 3, n_train), rng.normal(2, 3, n_val)
+    pre_train, pre_val = margins(rng, center_train, n_hub), margins(rng, center_val, n_hub)
     m = root / "margins" / "cifar10"
-    for x in range(N_HUB):
+    for x in range(n_hub):
         name = f"id_{x}_epoch_23.npy"
         save(m / "pretrain" / "retain" / "resnet9" / name, pre_train[x])
         save(m / "pretrain" / "val" / "resnet9" / name, pre_val[x])
-        (root / "models" / "cifar10" / "pretrain" / "resnet9").mkdir(parents=True, exist_ok=True)
-        (root / "models" / "cifar10" / "pretrain" / "resnet9" / f"id_{x}_epoch_23.pt").write_bytes(b"not needed")
-        save(root / "logits" / "cifar10" / "pretrain" / "val" / "resnet9" / name, rng.normal(size=(N_VAL, 10)))
-    for fs, idx in {**FORGET, "3": np.arange(40)}.items():
+        save_checkpoint(root / "models" / "cifar10" / "pretrain" / "resnet9" / f"id_{x}_epoch_23.pt", x, checkpoints)
+        save(root / "logits" / "cifar10" / "pretrain" / "val" / "resnet9" / name, rng.normal(size=(n_val, 10)))
+    for fs, idx in forget.items():
         save(root / "forget_sets" / "cifar10" / f"forget_set_{fs}.npy", idx.astype(np.int64))
-        retain = np.setdiff1d(np.arange(N_TRAIN), idx)  # ascending, as the hub's retain files are ordered
+        retain = np.setdiff1d(np.arange(n_train), idx)  # ascending, as the hub's retain files are ordered
         shifted = center_train.copy()
         shifted[idx] -= 6.0  # oracles never saw F: lower margins there
-        oracle_train, oracle_val = margins(rng, shifted, N_HUB), margins(rng, center_val, N_HUB)
-        for x in range(N_HUB):
+        oracle_train, oracle_val = margins(rng, shifted, n_hub), margins(rng, center_val, n_hub)
+        for x in range(n_hub):
             name = f"id_{x}_epoch_23.npy"
             save(m / "pretrain" / f"forget_{fs}" / "resnet9" / name, pre_train[x, idx])
             save(m / "oracle" / f"forget_{fs}" / "retain" / "resnet9" / name, oracle_train[x, retain])
             save(m / "oracle" / f"forget_{fs}" / "forget" / "resnet9" / name, oracle_train[x, idx])
             save(m / "oracle" / f"forget_{fs}" / "val" / "resnet9" / name, oracle_val[x])
+            save_checkpoint(root / "models" / "cifar10" / "oracle" / f"forget_{fs}" / "resnet9" /
+                            f"id_{x}_epoch_23.pt", 1000 * int(fs) + x, checkpoints)
     return root
+
+
+def published_model(seed: int) -> torch.nn.Module:
+    """A ResNet-9 with trained-looking BatchNorm state (so a dropped buffer would show)."""
+    torch.manual_seed(seed)
+    model = resnet9().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(4704)
+    return model
+
+
+def save_checkpoint(path: Path, seed: int, real: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not real:
+        path.write_bytes(b"not needed")
+        return
+    torch.save({"model." + k: v for k, v in published_model(seed).state_dict().items()}, path)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +132,12 @@ def oracle_floor_eval(hub: Path, fs: str, n: int) -> dict[str, np.ndarray]:
     return out
 
 
-def assert_rows_match(rows: list[dict], fs: str, method: str, expected: dict[str, np.ndarray]) -> None:
+def assert_rows_match(rows: list[dict], fs: str, method: str, expected: dict[str, np.ndarray], n: int = N) -> None:
     mine = {r["split"]: r for r in rows if r["forget_set"] == fs and r["method"] == method}
     assert set(mine) == {"retain", "forget", "val"}
     for split, values in expected.items():
         row = mine[split]
-        assert row["n_samples"] == len(values) and row["n_models"] == row["n_oracles"] == N
+        assert row["n_samples"] == len(values) and row["n_models"] == row["n_oracles"] == n
         assert row["klom_mean"] == pytest.approx(float(np.mean(values)), abs=1e-9)
         for q in (5, 25, 50, 75, 95, 99):
             assert row[f"klom_p{q}"] == pytest.approx(float(np.percentile(values, q)), abs=1e-9), (split, q)
@@ -249,23 +276,32 @@ def test_cli_imports_and_rejects_bad_input_with_exit_2(hub, tmp_path):
         assert message in result.output, (args, result.output)
 
 
-def test_n_oracles_other_than_n_models_is_refused(hub, tmp_path):
-    with pytest.raises(EasyDubError, match="as many oracles"):
-        import_easydub(hub, ["2"], N, str(tmp_path / "run"), n_oracles=2 * N)
+def test_more_oracles_than_models_and_blocks_reduce_to_the_same_numbers(hub, tmp_path):
+    """N originals against K > N oracles, stored in blocks of 3: the reference with K oracles, and one unit
+    per block (units are what a run resumes by, so blocks must not change a number)."""
+    out = str(tmp_path / "run")
+    report = import_easydub(hub, ["2"], N, out, n_oracles=2 * N, block_size=3, chunk_size=CHUNK)
+    assert len(report.units_written) == 2 + 3  # originals 0-2, 3; oracles 0-2, 3-5, 6-7
+    rows = reduce_run(RunStore(out))
+    assert {r["n_oracles"] for r in rows} == {2 * N} and {r["n_models"] for r in rows} == {N}
+    forget_idx = FORGET["2"]
+    for split in ("retain", "forget", "val"):
+        rel = f"margins/cifar10/oracle/forget_2/{split}/resnet9/id_{{x}}_epoch_23.npy"
+        folder = "forget_2" if split == "forget" else split
+        pretrain = load(hub, f"margins/cifar10/pretrain/{folder}/resnet9/id_{{x}}_epoch_23.npy", range(N))
+        if split == "retain":
+            pretrain = np.delete(pretrain, forget_idx, axis=1)
+        expected = reference_klom(pretrain, load(hub, rel, range(2 * N)))
+        row = next(r for r in rows if r["split"] == split)
+        assert row["klom_p95"] == pytest.approx(float(np.percentile(expected, 95)), abs=1e-9)
+        assert row["klom_mean"] == pytest.approx(float(np.mean(expected)), abs=1e-9)
 
 
 def test_published_checkpoints_load_into_the_stack(tmp_path):
     """State dicts saved with the published key names (``resnet9()``'s, under the wrappers' prefixes)."""
     singles = []
     for x, prefix in [(3, "model."), (7, "module."), (11, "")]:
-        torch.manual_seed(x)
-        model = resnet9().eval()
-        with torch.no_grad():  # trained-looking BN state, so a dropped buffer would show
-            for m in model.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.running_mean.normal_(0, 0.2)
-                    m.running_var.uniform_(0.5, 2.0)
-                    m.num_batches_tracked.fill_(4704)
+        model = published_model(x)
         singles.append(model)
         path = tmp_path / "models/cifar10/pretrain/resnet9" / f"id_{x}_epoch_23.pt"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import yaml
 from raybench.config import build_config
 from raybench.data import load_dataset
 from raybench.data.datasets import _NEEDS_ROOT
-from raybench.plan import make_plan
+from raybench.plan import make_plan, plan_method_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)
 def test_job_configs_are_valid_and_plan(path):
     config = build_config(str(path))
+    assert plan_method_runs(config)  # every method and parameter name in the file exists
     if config.dataset in _NEEDS_ROOT:
         pytest.skip("needs downloaded data; tests/test_cifar10.py plans it on a folder it builds")
     plan = make_plan(config, load_dataset(config.dataset))
