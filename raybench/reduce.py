@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = [
     "forget_set", "method", "params", "epoch", "split", "n_models", "n_oracles", "n_samples",
     "klom_mean", "klom_p5", "klom_p25", "klom_p50", "klom_p75", "klom_p95", "klom_p99", "klom_degenerate",
-    "accuracy", "oracle_accuracy", "klom_version", "run",
+    "accuracy", "oracle_accuracy", "grad_samples", "klom_version", "run",
 ]
+"""``grad_samples``: samples per model that the method passed forward with gradients up to that epoch
+(``raybench.models.grad_samples``): its work, deterministic, comparable with ``retrain`` (epochs × retain size).
+Wall-clock ``compute_s`` (summed over the ensemble's units) is in summary.json only: summary.csv stays bit-identical
+however the run was scheduled, interrupted or retried."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,20 @@ class Group:
     @property
     def epochs(self) -> list[int]:
         return sorted({e for u in self.units for e in u.meta["epochs"]})
+
+    def work(self, epoch: int) -> tuple[float | int | None, float | None]:
+        """(grad_samples per model, compute seconds of all models) up to ``epoch``, from the manifests; None
+        where a unit did not record it (imported models)."""
+        samples, seconds = 0, 0.0
+        for u in self.units:
+            m = u.meta
+            if "grad_samples" not in m or epoch not in m["epochs"]:
+                return None, None
+            k = m["epochs"].index(epoch)
+            samples += m["grad_samples"][k] * len(m["model_ids"])
+            seconds += m["compute_s_by_epoch"][k]
+        per_model = samples / self.n_models
+        return (int(per_model) if per_model == int(per_model) else per_model), seconds
 
 
 def _groups(units: dict[str, UnitOutput]) -> tuple[dict, dict, dict]:
@@ -242,6 +260,7 @@ def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[
     in_forget[sc.forget_idx] = True
     views = {"retain": ("train", np.flatnonzero(~in_forget)), "forget": ("train", sc.forget_idx),
              "val": ("val", np.arange(n_split["val"]))}
+    grad_samples, compute_s = (0, 0.0) if sc.group.method == "do_nothing" else sc.group.work(epoch)
     rows = []
     for split, (source, idx) in views.items():
         values, degenerate, correct, oracle_correct = (a[idx] for a in per_sample[source])
@@ -250,7 +269,7 @@ def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[
             "split": split, "n_models": sc.group.n_models, "n_oracles": sc.oracle.n_models, "n_samples": len(idx),
             **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
             "accuracy": float(correct.mean()), "oracle_accuracy": float(oracle_correct.mean()),
-            "klom_version": KLOM_VERSION, "run": run_id,
+            "grad_samples": grad_samples, "klom_version": KLOM_VERSION, "run": run_id, "compute_s": compute_s,
         })
     return rows
 
@@ -260,9 +279,10 @@ def _natural(s: str) -> tuple:
 
 
 def write_summary(store: RunStore, rows: list[dict]) -> None:
-    """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity."""
+    """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity and each
+    row's wall-clock ``compute_s``."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})

@@ -15,7 +15,7 @@ import torch
 
 from raybench.data import Dataset
 from raybench.methods import UnlearnData, get_method
-from raybench.models import StackedModel, build_stack, concat_stacks
+from raybench.models import StackedModel, build_stack, concat_stacks, grad_samples, reset_grad_samples
 from raybench.plan import Unit
 from raybench.store import RunStore, margins_table
 from raybench.training import Recipe, compute_margins, train_stack
@@ -80,6 +80,8 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     t0 = time.perf_counter()
     tables = []
     compute_s = 0.0
+    work = []  # per snapshot: samples per model forwarded with gradients so far, compute seconds so far
+    reset_grad_samples()
     if unit.kind == "train":
         stack = ctx.new_stack(unit.seeds)
         if unit.role == "original":
@@ -91,6 +93,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
             # Checkpoint before the unit reports success: an unlearn unit that depends on it can then rely on it.
             ctx.store.write_checkpoint(unit.id, {"seeds": list(unit.seeds), "state": stack.state_dict()})
         compute_s = time.perf_counter() - t0
+        work.append((grad_samples(), compute_s))
         tables.append(_table(unit, ctx, ctx.recipe.epochs, ctx.margins(stack)))
     else:
         method = get_method(unit.method)
@@ -109,6 +112,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         seen = []
         for epoch, snapshot in method.fn(stack, data, dict(unit.params), unit.epochs, unit.method_seed):
             compute_s += time.perf_counter() - last
+            work.append((grad_samples(), compute_s))
             tables.append(_table(unit, ctx, epoch, ctx.margins(snapshot)))
             seen.append(epoch)
             last = time.perf_counter()
@@ -119,7 +123,8 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     meta = {"unit": unit.id, "kind": unit.kind, "role": unit.role, "forget_set": unit.forget_set,
             "method": unit.method, "params": unit.params_json, "epochs": list(unit.epochs) or [ctx.recipe.epochs],
             "model_ids": list(unit.model_ids), "seeds": list(unit.seeds), "rows": table.num_rows,
-            "compute_s": compute_s, "wall_s": time.perf_counter() - t0}
+            "compute_s": compute_s, "wall_s": time.perf_counter() - t0,
+            "grad_samples": [n for n, _ in work], "compute_s_by_epoch": [c for _, c in work]}
     return table, meta
 
 

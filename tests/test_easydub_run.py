@@ -80,6 +80,8 @@ def test_methods_run_on_published_originals_against_published_oracles(hub, cifar
     assert {(r["method"], r["epoch"]) for r in rows} == {("do_nothing", 0), ("gradient_ascent", 1),
                                                          ("oracle_matching", 1)}
     assert all(r["n_models"] == N and r["n_oracles"] == N for r in rows)
+    work = {r["method"]: r["grad_samples"] for r in rows}
+    assert work == {"do_nothing": 0, "gradient_ascent": 5, "oracle_matching": 5 + 2 * 5}  # |F|; |F| + 2·|F|
     assert_rows_match(rows, "2", "do_nothing", easydub_eval(hub, "2", N), N)  # EasyDUB's own numbers, unchanged
 
     # unlearning started from the published state dicts: the stored checkpoint of each block is theirs, exactly

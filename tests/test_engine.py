@@ -44,8 +44,14 @@ def test_summary_has_a_row_per_forget_set_method_epoch_split(small_run):
         assert r["klom_version"] and 0 <= r["klom_p5"] <= r["klom_p50"] <= r["klom_p95"] <= r["klom_p99"] <= 11.6
         assert 0.5 < r["accuracy"] <= 1.0
     assert report.units_run == len(plan.units) == 2 + 2 * 2 + 2 * 2  # originals, oracles, finetune blocks
+    for r in rows:  # work: samples per model forwarded with gradients (finetune passes over the retain set)
+        n_retain = {"1": 1437 - 10, "3": 1437 - 40}[r["forget_set"]]
+        assert r["grad_samples"] == r["epoch"] * n_retain
+        assert (r["compute_s"] > 0) == (r["method"] == "finetune")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == rows and summary["identity"]["n_models"] == 6
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert "grad_samples" in header and "compute_s" not in header  # wall seconds would break bit-identity
 
 
 def test_parquet_layout_is_hive_partitioned_one_row_per_model_split_epoch_chunk(small_run):

@@ -27,7 +27,7 @@ from raybench.methods.relabel import forget_saliency, saliency_mask
 from raybench.methods.retrain import retrain_epochs
 from raybench.methods.scrub import scrub_lr, stacked_kd
 from raybench.methods.sparse import l1_weight
-from raybench.models import StackedModel, build_stack
+from raybench.models import StackedModel, build_stack, grad_samples, reset_grad_samples
 from raybench.training import compute_margins, default_recipe, train_stack
 
 ALL_METHODS = ["do_nothing", "finetune", "retrain", "l1_sparse", "gradient_ascent", "ascent_descent",
@@ -131,6 +131,33 @@ def test_snapshot_at_3_is_the_same_model_whatever_else_was_requested(world, name
     alone = {e: weights(s) for e, s in method.fn(world.fresh([0]), data, dict(method.defaults), (3,), SEED)}
     among = {e: weights(s) for e, s in method.fn(world.fresh([0]), data, dict(method.defaults), (1, 3, 5), SEED)}
     assert torch.equal(alone[3], among[3])
+
+
+def test_grad_samples_count_the_training_forward_passes_of_every_method(world):
+    """The summary's work column: samples per model forwarded with gradients, up to each snapshot. Teachers,
+    oracle targets and margins run without gradients and do not count; per-sample gradients inside torch.func
+    are counted by the method."""
+    n_f, n_r = len(world.data.forget_idx), len(world.data.retain_idx)
+
+    def work(name: str, epochs: tuple[int, ...], **overrides) -> list[int]:
+        method = get_method(name)
+        reset_grad_samples()
+        counts = []
+        for _, _ in method.fn(world.fresh([0, 1]), with_oracles(world, 2), {**method.defaults, **overrides}, epochs,
+                              SEED):
+            counts.append(grad_samples())
+        return counts
+
+    assert work("finetune", (1, 3)) == [n_r, 3 * n_r]
+    assert work("gradient_ascent", (1, 2)) == [n_f, 2 * n_f]
+    assert work("scrub", (2, 4)) == [2 * n_f + 2 * n_r, 3 * n_f + 4 * n_r]  # ascent on F in epochs 1-3 only
+    assert work("retrain", (1,)) == [world.data.recipe.epochs * n_r]
+    assert work("influence", (1,), num_grads=16) == [n_f + n_r + 16]  # g_F, g_R, then 16 per-sample gradients
+    assert work("oracle_matching", (1, 2)) == [6 * n_f, 12 * n_f]  # F once + 5·|F| retain samples per epoch
+    reset_grad_samples()
+    with torch.no_grad():
+        world.originals(world.data.x_forget)
+    assert grad_samples() == 0
 
 
 @pytest.mark.parametrize("name", ["retrain", "influence"])

@@ -21,7 +21,7 @@ from raybench.methods.base import (
     stacked_cross_entropy,
     unflatten_per_model,
 )
-from raybench.models import StackedModel
+from raybench.models import StackedModel, count_grad_samples
 
 # Per-sample gradients are computed this many float elements (samples × models × parameters) at a time.
 _GRAD_BUDGET = 1 << 26
@@ -49,6 +49,7 @@ def _per_sample_gradients(stack: StackedModel, x: torch.Tensor, y: torch.Tensor)
         return stacked_cross_entropy(functional_call(stack, (p, buffers), (xi.unsqueeze(1),)), yi.unsqueeze(1))
 
     grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    count_grad_samples(len(y))  # forward passes inside vmap/grad do not count themselves
     return torch.cat([grads[n].reshape(len(y), stack.n_models, -1) for n in names], dim=2)
 
 

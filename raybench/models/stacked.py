@@ -26,6 +26,28 @@ StackedLayer = StackedLinear | StackedConv2d
 
 MAX_SEED = 1 << 31
 
+_grad_samples = 0
+
+
+def grad_samples() -> int:
+    """Samples per model passed forward with gradients enabled in this process (since ``reset_grad_samples``).
+
+    A deterministic measure of a unit's work that needs nothing from the method: every gradient step, whatever
+    the method, starts with such a forward pass. Counted by ``StackedModel.forward``; forward passes without
+    gradients (margins, teachers, oracle targets) do not count. Inside ``torch.func`` transforms a forward sees
+    one sample, so code that takes per-sample gradients counts them itself (``count_grad_samples``)."""
+    return _grad_samples
+
+
+def reset_grad_samples() -> None:
+    global _grad_samples
+    _grad_samples = 0
+
+
+def count_grad_samples(n: int) -> None:
+    global _grad_samples
+    _grad_samples += int(n)
+
 
 class StackedModel(nn.Module, ABC):
     """M models of architecture ``arch``; model i was initialised from ``seeds[i]``.
@@ -81,10 +103,11 @@ class StackedModel(nn.Module, ABC):
         """``x``: ``(B, *input_shape)`` shared by all models, or ``(M, B, *input_shape)`` one batch per model.
         Returns logits ``(M, B, num_classes)``."""
         k = len(self.input_shape)
-        if x.dim() == k + 1 and tuple(x.shape[1:]) == self.input_shape:
-            return self._forward(x, shared=True)
-        if x.dim() == k + 2 and x.shape[0] == self.n_models and tuple(x.shape[2:]) == self.input_shape:
-            return self._forward(x, shared=False)
+        shared = x.dim() == k + 1 and tuple(x.shape[1:]) == self.input_shape
+        if shared or (x.dim() == k + 2 and x.shape[0] == self.n_models and tuple(x.shape[2:]) == self.input_shape):
+            if torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None:
+                count_grad_samples(x.shape[0] if shared else x.shape[1])
+            return self._forward(x, shared=shared)
         raise ValueError(
             f"{self.arch} stack of {self.n_models} models expects input (B, *{self.input_shape}) or "
             f"({self.n_models}, B, *{self.input_shape}), got {tuple(x.shape)}"
