@@ -182,3 +182,34 @@ def test_cuda_runs_bf16_channels_last_with_float32_margins():
     recipe = Recipe(epochs=1, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_fraction=0.5)
     train_stack(gpu, x.cuda(), y.cuda(), recipe)
     assert all(p.dtype == torch.float32 for p in gpu.parameters())  # autocast: master weights stay float32
+
+
+@pytest.mark.parametrize("name", ["finetune", "retrain", "l1_sparse", "gradient_ascent", "ascent_descent",
+                                  "neggrad_plus", "scrub", "random_label", "salun", "influence", "oracle_matching"])
+def test_every_method_runs_on_resnet9_stacks_model_by_model(name):
+    """Methods on the architecture EasyDUB publishes (BatchNorm in train mode, per-model statistics): each runs,
+    stays finite, and model 0 unlearns the same alone as beside another model."""
+    from raybench.methods import UnlearnData, get_method
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, *SHAPE, generator=g), torch.randint(0, C, (48,), generator=g)
+    forget = torch.tensor([5, 17, 3, 40, 22, 9])
+    keep = torch.ones(48, dtype=torch.bool)
+    keep[forget] = False
+    method = get_method(name)
+    params = {**method.defaults, **({"budget": 1 / 24} if name == "retrain" else {}),
+              **({"num_grads": 4} if name == "influence" else {})}
+    oracles = build_stack("resnet9", (8, 9), SHAPE, C)
+    results = []
+    for seeds in ((1, 2), (1,)):
+        stack = build_stack("resnet9", seeds, SHAPE, C)
+        data = UnlearnData(x, y, forget, torch.nonzero(keep).squeeze(1), C, default_recipe("cifar10", "resnet9"),
+                           oracles.select(range(len(seeds))) if method.needs_oracles else None)
+        (_, out), = method.fn(stack, data, params, (1,), 0)
+        results.append(out)
+    pair, alone = results
+    before = build_stack("resnet9", (1,), SHAPE, C).state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in alone.state_dict().items() if v.is_floating_point())
+    for a, b in zip(pair.select([0]).state_dict().values(), alone.state_dict().values(), strict=True):
+        assert torch.isfinite(a.float()).all()
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
