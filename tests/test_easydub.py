@@ -327,3 +327,15 @@ def test_published_checkpoints_load_into_the_stack(tmp_path):
         load_easydub_checkpoints([broken])
     with pytest.raises(EasyDubError, match="missing"):
         checkpoint_paths(tmp_path, [3, 4])
+
+
+def test_a_run_downloads_its_checkpoints_and_matching_oracles_and_nothing_more():
+    from raybench.easydub import checkpoint_file, needed_files, oracle_margins_path
+
+    files = needed_files(["2"], 2, matching_oracles=2, checkpoints=True)
+    assert len(files) == len(set(files))
+    checkpoints = sorted(f for f in files if f.endswith(".pt"))
+    assert checkpoints == sorted([checkpoint_file(0), checkpoint_file(1), checkpoint_file(2, "2"),
+                                  checkpoint_file(3, "2")])  # originals 0-1; matching oracles 2-3, not scoring 0-1
+    assert oracle_margins_path("2", "val", 3) in files and oracle_margins_path("2", "val", 4) not in files
+    assert not [f for f in needed_files(["2"], 2) if f.endswith(".pt")]  # a margins-only import reads none
