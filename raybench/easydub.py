@@ -268,7 +268,8 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
     ``source`` is a local folder in the hub layout or a hub repo id (only the needed files are downloaded, into
     ``cache_dir`` or the Hugging Face cache). ``n_oracles`` defaults to ``n_models``. ``expect_sizes`` =
     (train, val) samples the margins must cover (the images a run unlearns with). Rerunning with more forget
-    sets adds them; finished units are kept.
+    sets adds them; finished units are kept. A rerun that finds every unit committed reads nothing from
+    ``source``, so a resumed run needs neither the hub folder nor the network.
     """
     forget_sets = [str(fs).strip() for fs in forget_sets]
     bad = [fs for fs in forget_sets if not _FORGET_ID.fullmatch(fs)]
@@ -281,15 +282,20 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
             why = " (KLOM compares distributions)" if low == 2 else ""
             raise EasyDubError(f"{name} must be an integer >= {low}{why}, got {value!r}")
 
+    store = RunStore(out)
+    identity = run_identity(n_models, block_size, chunk_size, n_oracles)
+    units = _import_units(forget_sets, n_models, n_oracles, block_size, matching_oracles, oracle_floor, checkpoints)
+    finished = _already_imported(store, identity, units, forget_sets, source, expect_sizes)
+    if finished is not None:  # a resumed run: needs neither the source nor the network
+        return finished
+
     files = needed_files(forget_sets, n_models, n_oracles=n_oracles, oracle_floor=oracle_floor,
                          matching_oracles=matching_oracles, checkpoints=checkpoints)
     root = hub_folder(source, files, cache_dir=cache_dir)
     reader = _Reader(root)
     n_train = len(reader.vector(pretrain_margins_path("retain", 0)))
     n_val = len(reader.vector(pretrain_margins_path("val", 0)))
-    if expect_sizes is not None and (n_train, n_val) != tuple(expect_sizes):
-        raise EasyDubError(f"the hub margins cover {n_train} train / {n_val} val samples, the data set here has "
-                           f"{expect_sizes[0]} / {expect_sizes[1]}: they were not computed on these images")
+    _check_sizes(n_train, n_val, expect_sizes)
     indices = {}
     for fs in forget_sets:
         what = f"forget-set file {forget_set_file(fs)} in {root}"
@@ -299,8 +305,6 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
             raise EasyDubError(f"{what}: not a plain .npy array ({err})") from err
         indices[fs] = validate_indices(raw, n_train, source=what)
 
-    store = RunStore(out)
-    identity = run_identity(n_models, block_size, chunk_size, n_oracles)
     run_id = store.open_run(identity)
     _record_dataset(store, n_train, n_val)
     for fs, idx in indices.items():
@@ -309,28 +313,20 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
     writer = _UnitWriter(store, run_id, identity, chunk_size)
     # read even when the originals are already stored: every forget set's consistency check needs it
     pretrain_train = reader.matrix([pretrain_margins_path("retain", i) for i in range(n_models)], n_train)
-    for ids in id_blocks(0, n_models, block_size):
-        rows = slice(ids[0], ids[-1] + 1)
-        writer.write("original", "none", "none", ids, lambda ids=ids, rows=rows: {
-            "train": pretrain_train[rows], "val": reader.matrix([pretrain_margins_path("val", i) for i in ids], n_val)},
-            checkpoint=[root / checkpoint_file(i) for i in ids] if checkpoints else None)
-    checks = {}
-    for fs, idx in indices.items():
-        retain = np.flatnonzero(~np.isin(np.arange(n_train), idx))
-
-        def oracle_margins(ids: tuple[int, ...], fs: str = fs, idx: np.ndarray = idx, retain: np.ndarray = retain
-                           ) -> Callable[[], dict[str, np.ndarray]]:
-            return lambda: _oracle_margins(reader, fs, list(ids), idx, retain, n_train, n_val)
-
-        for ids in id_blocks(0, n_oracles, block_size):
-            writer.write("oracle", fs, "none", ids, oracle_margins(ids))
-        for ids in id_blocks(n_oracles, matching_oracles, block_size):
-            writer.write("matching_oracle", fs, "none", ids, oracle_margins(ids),
-                         checkpoint=[root / checkpoint_file(i, fs) for i in ids])
-        if oracle_floor:
-            for ids in id_blocks(n_oracles, n_models, block_size):
-                writer.write("unlearned", fs, FLOOR_METHOD, ids, oracle_margins(ids))
-        checks[fs] = _check_pretrain_forget(reader, fs, list(range(n_models)), idx, pretrain_train)
+    retain = {fs: np.flatnonzero(~np.isin(np.arange(n_train), idx)) for fs, idx in indices.items()}
+    for role, fs, method, ids, with_checkpoint in units:
+        if role == "original":
+            def load(ids: tuple[int, ...] = ids) -> dict[str, np.ndarray]:
+                return {"train": pretrain_train[ids[0]:ids[-1] + 1],
+                        "val": reader.matrix([pretrain_margins_path("val", i) for i in ids], n_val)}
+        else:
+            def load(ids: tuple[int, ...] = ids, fs: str = fs) -> dict[str, np.ndarray]:
+                return _oracle_margins(reader, fs, list(ids), indices[fs], retain[fs], n_train, n_val)
+        hub_role = None if role == "original" else fs
+        writer.write(role, fs, method, ids, load,
+                     checkpoint=[root / checkpoint_file(i, hub_role) for i in ids] if with_checkpoint else None)
+    checks = {fs: _check_pretrain_forget(reader, fs, list(range(n_models)), idx, pretrain_train)
+              for fs, idx in indices.items()}
 
     staging = store.path("staging")  # each unit removed its own folder; drop the parent it leaves if empty
     if not [i for i in store.fs.get_file_info(pafs.FileSelector(staging, recursive=True, allow_not_found=True))
@@ -339,6 +335,51 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
     record = _update_record(store, source, root, checks, reader, indices)
     return ImportReport(run_id, store.uri, str(source), n_train, n_val, writer.written, writer.skipped, indices,
                         record["notes"])
+
+
+ImportUnit = tuple[str, str, str, tuple[int, ...], bool]
+"""(role, forget set, method, hub model ids, with a checkpoint) of one unit an import writes."""
+
+
+def _import_units(forget_sets: Sequence[str], n_models: int, n_oracles: int, block_size: int, matching_oracles: int,
+                  oracle_floor: bool, checkpoints: bool) -> list[ImportUnit]:
+    """Every unit an import writes, in writing order (the module docstring says which hub models each holds)."""
+    units = [("original", "none", "none", ids, checkpoints) for ids in id_blocks(0, n_models, block_size)]
+    for fs in forget_sets:
+        units += [("oracle", fs, "none", ids, False) for ids in id_blocks(0, n_oracles, block_size)]
+        units += [("matching_oracle", fs, "none", ids, True)
+                  for ids in id_blocks(n_oracles, matching_oracles, block_size)]
+        if oracle_floor:
+            units += [("unlearned", fs, FLOOR_METHOD, ids, False)
+                      for ids in id_blocks(n_oracles, n_models, block_size)]
+    return units
+
+
+def _already_imported(store: RunStore, identity: dict, units: list[ImportUnit], forget_sets: Sequence[str],
+                      source: str | Path, expect_sizes: tuple[int, int] | None) -> ImportReport | None:
+    """The report of an import whose every unit (and checkpoint) is already committed in ``store``, read from the
+    store alone; None if anything is missing."""
+    if not store.exists(store.path("run.json")):
+        return None
+    run_id = store.open_run(identity)  # refuses a folder of another run
+    ids = [import_unit_id(identity, role, fs, method, models) for role, fs, method, models, _ in units]
+    for uid, (*_, with_checkpoint) in zip(ids, units, strict=True):
+        if not store.is_complete(uid) or (with_checkpoint and not store.exists(store.checkpoint_path(uid))):
+            return None
+    paths = {fs: store.path("forget_sets", f"{fs}.json") for fs in forget_sets}
+    if not all(store.exists(p) for p in paths.values()):
+        return None
+    dataset = store.read_json(store.path("dataset.json"))
+    _check_sizes(dataset["n_train"], dataset["n_val"], expect_sizes)
+    indices = {fs: np.asarray(store.read_json(p)["indices"], dtype=np.int64) for fs, p in paths.items()}
+    notes = store.read_json(store.path("easydub.json")).get("notes", [])
+    return ImportReport(run_id, store.uri, str(source), dataset["n_train"], dataset["n_val"], [], ids, indices, notes)
+
+
+def _check_sizes(n_train: int, n_val: int, expect_sizes: tuple[int, int] | None) -> None:
+    if expect_sizes is not None and (n_train, n_val) != tuple(expect_sizes):
+        raise EasyDubError(f"the hub margins cover {n_train} train / {n_val} val samples, the data set here has "
+                           f"{expect_sizes[0]} / {expect_sizes[1]}: they were not computed on these images")
 
 
 def _oracle_margins(reader: _Reader, fs: str, ids: list[int], idx: np.ndarray, retain: np.ndarray, n_train: int,

@@ -97,7 +97,9 @@ def test_methods_run_on_published_originals_against_published_oracles(hub, cifar
         for key, value in published.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value), (unit.meta["role"], key)
 
-    again = runner.invoke(main, ["run", "--config", str(job), "--out", str(out)])
+    # resuming needs neither the hub folder nor the network: every imported unit is committed
+    offline = write_job(tmp_path / "offline.toml", tmp_path / "hub-gone", cifar_root)
+    again = runner.invoke(main, ["run", "--config", str(offline), "--out", str(out)])
     assert again.exit_code == 0 and "0 units run" in again.output, again.output
     assert json.loads((out / "summary.json").read_text())["rows"] == rows
     dataset = store.read_json(store.path("dataset.json"))
