@@ -119,6 +119,29 @@ def run_command(ctx: click.Context, config_path: str | None, params: tuple[str, 
     imported instead of trained, and only the methods run. Rerunning with the same --out resumes: finished units
     are never recomputed.
     """
+    _run_step(ctx, config_path, params, options, "all")
+
+
+@main.command("train")
+@_config_options
+@click.pass_context
+def train_command(ctx: click.Context, config_path: str | None, params: tuple[str, ...], **options: object) -> None:
+    """Only the training half of `raybench run`: originals, oracles (and matching oracles), then the summary of
+    do_nothing. `raybench unlearn` with the same options runs the methods on them later."""
+    _run_step(ctx, config_path, params, options, "train")
+
+
+@main.command("unlearn")
+@_config_options
+@click.pass_context
+def unlearn_command(ctx: click.Context, config_path: str | None, params: tuple[str, ...], **options: object) -> None:
+    """Only the unlearning half of `raybench run`: the methods on originals that `raybench train` (or an earlier
+    run) already stored in --out, then the summary. Add methods or sweep parameters without retraining."""
+    _run_step(ctx, config_path, params, options, "unlearn")
+
+
+def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ...], options: dict,
+              step: str) -> None:
     from raybench.config import ConfigError, build_config
     from raybench.engine import EngineError, execute
     from raybench.reduce import reduce_run, write_summary
@@ -129,9 +152,11 @@ def run_command(ctx: click.Context, config_path: str | None, params: tuple[str, 
     try:
         cli_params = _parse_params(params)
         config = build_config(config_path, params=cli_params or None, **options)
-        plan, store, report = execute(config, verbose=verbose, progress=_progress)
-        rows = reduce_run(store, forget_sets=list(plan.forget_sets),
-                          methods=[(r.method.name, _params_json(r.params)) for r in plan.method_runs])
+        plan, store, report = execute(config, verbose=verbose, progress=_progress, step=step)
+        methods = [(r.method.name, _params_json(r.params)) for r in plan.method_runs]
+        if step == "train":  # nothing is unlearned yet: the originals (do_nothing) are what can be scored
+            methods = [("do_nothing", "{}")]
+        rows = reduce_run(store, forget_sets=list(plan.forget_sets), methods=methods)
         write_summary(store, rows)
     except (ConfigError, StoreError) as err:
         raise click.UsageError(str(err)) from err
@@ -165,6 +190,25 @@ def reduce_command(out: str) -> None:
     except StoreError as err:
         raise click.UsageError(str(err)) from err
     click.echo(summary_table(rows))
+
+
+@main.command("report")
+@click.argument("out")
+def report_command(out: str) -> None:
+    """Print the summary table of a run folder from its summary.json (nothing is recomputed)."""
+    from raybench.report import summary_table
+    from raybench.store import RunStore, StoreError
+
+    try:
+        store = RunStore(out)
+        path = store.path("summary.json")
+        if not store.exists(path):
+            raise StoreError(f"{store.uri} has no summary.json: run `raybench reduce {out}` first")
+        summary = store.read_json(path)
+    except StoreError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(summary_table(summary["rows"]))
+    click.echo(f"\nrun {summary['run']} · KLOM {summary['klom_version']} · {store.uri}/summary.csv")
 
 
 @main.command("import-easydub")

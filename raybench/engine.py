@@ -133,9 +133,18 @@ def record_forget_sets(store: RunStore, plan: Plan) -> dict[str, np.ndarray]:
     return out
 
 
-def execute(config: RunConfig, *, verbose: bool = False,
-            progress: Callable[[str], None] | None = None) -> tuple[Plan, RunStore, RunReport]:
-    """Plan the run, skip finished units, run the rest on Ray; the summary is made by ``reduce`` afterwards."""
+STEPS = ("all", "train", "unlearn")
+
+
+def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str], None] | None = None,
+            step: str = "all") -> tuple[Plan, RunStore, RunReport]:
+    """Plan the run, skip finished units, run the rest on Ray; the summary is made by ``reduce`` afterwards.
+
+    ``step``: ``"train"`` runs only the train units (originals, oracles, matching oracles), ``"unlearn"`` only
+    the unlearn units, which needs the train units they start from to be committed already; ``"all"`` both.
+    """
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
     t0 = time.perf_counter()
     try:
         dataset = load_dataset(config.dataset, config.data_root or None)
@@ -155,15 +164,20 @@ def execute(config: RunConfig, *, verbose: bool = False,
     forget_indices = record_forget_sets(store, plan)
     store.clean_uncommitted()  # leftovers of an interrupted driver or a killed worker: never committed, never read
     done = store.completed_units()
-    todo = [u for u in plan.units if u.id not in done]
-    missing = [u.id for u in todo if u.kind == "import"]
+    missing = [u.id for u in plan.units if u.kind == "import" and u.id not in done]
     if missing:  # the plan and the import disagree on unit ids: a bug, never something to train around
         raise StoreError(f"{len(missing)} imported unit(s) the plan needs are not in {store.uri}: {missing[:3]}")
-    report = RunReport(run_id, store.uri, len(plan.units), len(plan.units) - len(todo), 0)
+    selected = [u for u in plan.units if step == "all" or u.kind == step]
+    todo = [u for u in selected if u.id not in done]
+    waiting = {dep for u in todo for dep in u.depends_on if dep not in done and step == "unlearn"}
+    if waiting:
+        raise ConfigError(f"{len(waiting)} train unit(s) that these methods start from are not in {store.uri} yet: "
+                          "run `raybench train` with the same config first (or `raybench run`, which does both)")
+    report = RunReport(run_id, store.uri, len(selected), len(selected) - len(todo), 0)
     say = progress or (lambda msg: log.info(msg))
     if report.units_skipped:
-        skipped_models = sum(u.n_models for u in plan.units if u.id in done)
-        say(f"resuming {store.uri}: {report.units_skipped} of {len(plan.units)} units ({skipped_models} models) "
+        skipped_models = sum(u.n_models for u in selected if u.id in done)
+        say(f"resuming {store.uri}: {report.units_skipped} of {len(selected)} units ({skipped_models} models) "
             f"already complete, skipped; {len(todo)} to run")
     if todo:
         owns_ray = start_ray(config, verbose)

@@ -135,3 +135,33 @@ def test_changing_a_forget_set_under_the_same_id_is_refused(small_run, tmp_path)
     np.save(path, np.arange(5))
     with pytest.raises(ConfigError, match="other indices"):  # a file 1.npy has id "1", like built-in set 1
         execute(build_config(None, **{**SMALL, "out": str(out), "forget_sets": str(path)}))
+
+
+def test_train_then_unlearn_equals_run_and_report_prints_it(ray_session, tmp_path):
+    from click.testing import CliRunner
+
+    from raybench.cli import main
+
+    runner = CliRunner()
+    args = ["--n-models", "4", "--block-size", "2", "--forget-sets", "1", "--methods", "do_nothing,finetune",
+            "--param", "finetune.epochs=1"]
+    split = str(tmp_path / "split")
+    early = runner.invoke(main, ["unlearn", *args, "--out", split])
+    assert early.exit_code == 2 and "raybench train" in early.output, early.output
+
+    trained = runner.invoke(main, ["train", *args, "--out", split])
+    assert trained.exit_code == 0, trained.output
+    assert "4 units run" in trained.output  # 2 blocks of originals, 2 of oracles
+    store = RunStore(split)
+    assert {u.meta["kind"] for u in store.completed_units().values()} == {"train"}
+    assert {r["method"] for r in reduce_run(store)} == {"do_nothing"}
+
+    unlearned = runner.invoke(main, ["unlearn", *args, "--out", split])
+    assert unlearned.exit_code == 0 and "2 units run" in unlearned.output, unlearned.output
+    whole = runner.invoke(main, ["run", *args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    assert (tmp_path / "split" / "summary.csv").read_bytes() == (tmp_path / "whole" / "summary.csv").read_bytes()
+
+    report = runner.invoke(main, ["report", split])
+    assert report.exit_code == 0 and "finetune" in report.output and "do_nothing" in report.output
+    assert runner.invoke(main, ["report", str(tmp_path)]).exit_code == 2
