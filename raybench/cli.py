@@ -144,7 +144,7 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
               step: str) -> None:
     from raybench.config import ConfigError, build_config
     from raybench.engine import EngineError, execute
-    from raybench.reduce import reduce_run, write_summary
+    from raybench.reduce import reduce_run
     from raybench.report import summary_table
     from raybench.store import StoreError
 
@@ -157,7 +157,7 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
         if step == "train":  # nothing is unlearned yet: the originals (do_nothing) are what can be scored
             methods = [("do_nothing", "{}")]
         rows = reduce_run(store, forget_sets=list(plan.forget_sets), methods=methods)
-        write_summary(store, rows)
+        _publish(store, rows)
     except (ConfigError, StoreError) as err:
         raise click.UsageError(str(err)) from err
     except EngineError as err:
@@ -178,25 +178,35 @@ def _params_json(params: dict) -> str:
 @main.command("reduce")
 @click.argument("out")
 def reduce_command(out: str) -> None:
-    """Recompute summary.csv / summary.json of a run folder from its Parquet margins alone."""
-    from raybench.reduce import reduce_run, write_summary
+    """Recompute summary.csv / summary.json (and report.html) of a run folder from its Parquet margins alone."""
+    from raybench.reduce import reduce_run
     from raybench.report import summary_table
     from raybench.store import RunStore, StoreError
 
     try:
         store = RunStore(out)
         rows = reduce_run(store)
-        write_summary(store, rows)
+        _publish(store, rows)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
     click.echo(summary_table(rows))
 
 
+def _publish(store, rows: list[dict]) -> None:
+    """summary.csv and summary.json, then report.html and its plots from what was written."""
+    from raybench.reduce import write_summary
+    from raybench.report import write_report
+
+    write_summary(store, rows)
+    write_report(store, store.read_json(store.path("summary.json")))
+
+
 @main.command("report")
 @click.argument("out")
 def report_command(out: str) -> None:
-    """Print the summary table of a run folder from its summary.json (nothing is recomputed)."""
-    from raybench.report import summary_table
+    """Print a run folder's summary table and rewrite its report.html and plots, from summary.json (nothing
+    is recomputed)."""
+    from raybench.report import summary_table, write_report
     from raybench.store import RunStore, StoreError
 
     try:
@@ -205,10 +215,11 @@ def report_command(out: str) -> None:
         if not store.exists(path):
             raise StoreError(f"{store.uri} has no summary.json: run `raybench reduce {out}` first")
         summary = store.read_json(path)
+        page = write_report(store, summary)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
     click.echo(summary_table(summary["rows"]))
-    click.echo(f"\nrun {summary['run']} · KLOM {summary['klom_version']} · {store.uri}/summary.csv")
+    click.echo(f"\nrun {summary['run']} · KLOM {summary['klom_version']} · {page}")
 
 
 @main.command("import-easydub")

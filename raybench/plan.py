@@ -10,11 +10,11 @@ Units:
   (METHODS.md §3.3); unlearn units of such methods also depend on them.
 
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
+A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed.
 
 With ``easydub_source`` set, originals, oracles and matching oracles are not trained: they are ``import`` units
 (EasyDUB's published models, written by ``raybench.easydub.import_easydub`` before anything runs, under the ids
 ``import_unit_id`` gives them), and only the unlearn units run on Ray.
-A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed.
 """
 
 from __future__ import annotations

@@ -162,6 +162,12 @@ def test_train_then_unlearn_equals_run_and_report_prints_it(ray_session, tmp_pat
     assert whole.exit_code == 0, whole.output
     assert (tmp_path / "split" / "summary.csv").read_bytes() == (tmp_path / "whole" / "summary.csv").read_bytes()
 
+    (tmp_path / "split" / "report.html").unlink()
     report = runner.invoke(main, ["report", split])
     assert report.exit_code == 0 and "finetune" in report.output and "do_nothing" in report.output
+    page = (tmp_path / "split" / "report.html").read_text()
+    plots = sorted(p.name for p in (tmp_path / "split" / "plots").iterdir())
+    assert plots == ["klom_p95_forget_set_1.png", "work_forget_set_1.png"]
+    assert all((tmp_path / "split" / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in plots)
+    assert all(f'src="plots/{name}"' in page for name in plots) and page.count("<tr>") == 1 + 6  # header, rows
     assert runner.invoke(main, ["report", str(tmp_path)]).exit_code == 2
