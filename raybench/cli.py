@@ -10,11 +10,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from raybench.metrics import KLOM_VERSION, VARIANTS, klom_details, summarize
+
+if TYPE_CHECKING:
+    from raybench.store import RunStore
 
 EXIT_BAD_INPUT = 2
 
@@ -192,7 +196,7 @@ def reduce_command(out: str) -> None:
     click.echo(summary_table(rows))
 
 
-def _publish(store, rows: list[dict]) -> None:
+def _publish(store: RunStore, rows: list[dict]) -> None:
     """summary.csv and summary.json, then report.html and its plots from what was written."""
     from raybench.reduce import write_summary
     from raybench.report import write_report

@@ -29,7 +29,7 @@ How the files map to raybench's splits, so that reduce computes what EasyDUB's `
   units (margins and checkpoints): the oracles oracle matching fine-tunes against, disjoint from the scoring ones.
 * ``checkpoints=True`` also stores each block of originals as a stacked checkpoint, which is what a run's unlearn
   units start from (``UnitContext.load_stack``): ``raybench run`` with ``easydub_source`` set imports this way,
-  then runs every method on the published originals (``import_for_run``).
+  then runs every method on the published originals (``raybench.engine.import_published``).
 
 Units come in blocks of ``block_size`` models, with ids derived from what they hold (``import_unit_id``), so a
 run's plan names exactly the units an import wrote, and an import rerun skips them.

@@ -9,6 +9,12 @@ forwarded with gradients (``grad_samples``; retraining costs epochs × retain si
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib and the store are imported only when a report is written
+    from matplotlib.figure import Figure
+
+    from raybench.store import RunStore
 
 SPLITS = ("retain", "forget", "val")
 
@@ -71,7 +77,7 @@ def _names(entries: dict[tuple, dict]) -> dict[tuple, str]:
     return {(m, p): m if len(settings[m]) == 1 else f"{m} ({_short_params(p, 36)})" for m, p, _ in entries}
 
 
-def _png(fig) -> bytes:
+def _png(fig: Figure) -> bytes:
     import io
 
     buffer = io.BytesIO()
@@ -79,7 +85,7 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def klom_figure(rows: list[dict], forget_set: str):
+def klom_figure(rows: list[dict], forget_set: str) -> Figure:
     """P95 KLOM per split for every (method, params, epoch) of one forget set: horizontal bars, lower is better."""
     import numpy as np
     from matplotlib.figure import Figure
@@ -101,7 +107,7 @@ def klom_figure(rows: list[dict], forget_set: str):
     return fig
 
 
-def work_figure(rows: list[dict], forget_set: str):
+def work_figure(rows: list[dict], forget_set: str) -> Figure | None:
     """P95 forget KLOM against each method's work (samples per model forwarded with gradients): cost vs effect,
     one colour per method (and swept setting), snapshots joined by a line and labelled by epoch. None when no
     row carries a work figure."""
@@ -133,7 +139,7 @@ def work_figure(rows: list[dict], forget_set: str):
     return fig
 
 
-def write_report(store, summary: dict) -> str:
+def write_report(store: RunStore, summary: dict) -> str:
     """``report.html`` and ``plots/*.png`` in the run folder, from a summary (``summary.json``'s content): the table
     of every row, what produced it, and per forget set the KLOM bars and the effect-against-cost plot. Returns
     the page's path."""
