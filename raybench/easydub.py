@@ -137,7 +137,7 @@ def import_unit_id(identity: dict, role: str, forget_set: str, method: str, mode
 
 
 def id_blocks(first: int, count: int, size: int) -> list[tuple[int, ...]]:
-    """Hub ids ``first .. first+count-1`` in blocks of ``size``: the units of one imported ensemble."""
+    """Model ids ``first .. first+count-1`` in blocks of ``size``: the units of one ensemble, trained or imported."""
     return [tuple(range(start, min(first + count, start + size))) for start in range(first, first + count, size)]
 
 

@@ -75,10 +75,6 @@ class Plan:
         return [u for u in self.units if u.kind == kind]
 
 
-def _blocks(n: int, size: int) -> list[tuple[int, ...]]:
-    return [tuple(range(start, min(n, start + size))) for start in range(0, n, size)]
-
-
 def matching_oracle_count(config: RunConfig, method_runs: list[MethodRun]) -> int:
     """How many matching oracles per forget set the oracle-matching runs need (0 when there are none)."""
     counts = [config.n_models if r.params.get("pairing") == "per_model" else int(r.params.get("num_oracles", 1))
@@ -94,7 +90,7 @@ def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, count: int,
         return _imported(identity, "matching_oracle", fs_id, config.n_models, count, config.block_size)
     units = []
     all_seeds = ensemble_seeds(config.seed, "matching_oracle", fs_id, n=count)
-    for ids in _blocks(count, config.block_size):
+    for ids in id_blocks(0, count, config.block_size):
         seeds = tuple(all_seeds[i] for i in ids)
         unit_id = digest({"kind": "train", "role": "matching_oracle", "forget": fs_digest, "seeds": seeds,
                           "identity": identity})
@@ -154,7 +150,7 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
     else:
         originals = []
         original_seeds = ensemble_seeds(config.seed, "original", n=config.n_models)
-        for ids in _blocks(config.n_models, config.block_size):
+        for ids in id_blocks(0, config.n_models, config.block_size):
             seeds = tuple(original_seeds[i] for i in ids)
             unit_id = digest({"kind": "train", "role": "original", "seeds": seeds, "identity": identity})
             originals.append(Unit(unit_id, "train", "original", NO_FORGET_SET, ids, seeds))
@@ -165,7 +161,7 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
             continue
         fs_digest = digest(fs.indices.tolist())
         oracle_seeds = ensemble_seeds(config.seed, "oracle", fs.id, n=config.n_models)
-        for ids in _blocks(config.n_models, config.block_size):
+        for ids in id_blocks(0, config.n_models, config.block_size):
             seeds = tuple(oracle_seeds[i] for i in ids)
             unit_id = digest({"kind": "train", "role": "oracle", "forget": fs_digest, "seeds": seeds,
                               "identity": identity})
