@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raybench.data import DATASETS
-from raybench.easydub import HUB_N_MODELS, run_identity
+from raybench.easydub import FORGET_ID, HUB_N_MODELS, run_identity
 from raybench.ids import digest
 from raybench.models import ARCHS
 from raybench.training import Recipe, default_recipe
@@ -171,7 +171,7 @@ def _validate_easydub(config: RunConfig) -> None:
     if (config.dataset, config.resolved_arch) != ("cifar10", "resnet9"):
         raise ConfigError("easydub_source needs dataset = \"cifar10\" and arch = \"resnet9\": EasyDUB publishes "
                           f"CIFAR-10 ResNet-9s (got {config.dataset} / {config.resolved_arch})")
-    bad = [fs for fs in config.forget_sets if not fs.isdigit() or fs.startswith("0")]
+    bad = [fs for fs in config.forget_sets if not FORGET_ID.fullmatch(fs)]
     if bad:
         raise ConfigError(f"forget sets of an EasyDUB run are EasyDUB's ids 1..10, got {', '.join(bad)}")
     if config.n_models > HUB_N_MODELS:

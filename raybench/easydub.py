@@ -69,7 +69,7 @@ FLOOR_METHOD = "oracle_floor"
 DEFAULT_CHUNK_SIZE = 8192  # RunConfig's defaults, so an import and a raybench run chunk and block alike
 DEFAULT_BLOCK_SIZE = 50
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_FORGET_ID = re.compile(r"[1-9]\d*")
+FORGET_ID = re.compile(r"[1-9]\d*")  # EasyDUB names its forget sets 1, 2, …
 _MODEL_ID = re.compile(r"id_(\d+)_epoch_\d+")
 
 
@@ -272,7 +272,7 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
     ``source``, so a resumed run needs neither the hub folder nor the network.
     """
     forget_sets = [str(fs).strip() for fs in forget_sets]
-    bad = [fs for fs in forget_sets if not _FORGET_ID.fullmatch(fs)]
+    bad = [fs for fs in forget_sets if not FORGET_ID.fullmatch(fs)]
     if not forget_sets or bad or len(set(forget_sets)) != len(forget_sets):
         raise EasyDubError(f"forget sets must be distinct positive integers like 2,5 (EasyDUB ids), got {forget_sets}")
     n_oracles = n_models if n_oracles is None else n_oracles
