@@ -201,8 +201,7 @@ def _publish(store: RunStore, rows: list[dict]) -> None:
     from raybench.reduce import write_summary
     from raybench.report import write_report
 
-    write_summary(store, rows)
-    write_report(store, store.read_json(store.path("summary.json")))
+    write_report(store, write_summary(store, rows))
 
 
 @main.command("report")

@@ -278,9 +278,9 @@ def _natural(s: str) -> tuple:
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
-def write_summary(store: RunStore, rows: list[dict]) -> None:
+def write_summary(store: RunStore, rows: list[dict]) -> dict:
     """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity and each
-    row's wall-clock ``compute_s``."""
+    row's wall-clock ``compute_s``. Returns what summary.json holds."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -288,6 +288,6 @@ def write_summary(store: RunStore, rows: list[dict]) -> None:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
     store.write_bytes(store.path("summary.csv"), buffer.getvalue().encode())
     info = store.run_info()
-    store.write_bytes(store.path("summary.json"), json.dumps(
-        {"run": info["run"], "identity": info["identity"], "klom_version": KLOM_VERSION, "rows": rows},
-        indent=2).encode())
+    summary = {"run": info["run"], "identity": info["identity"], "klom_version": KLOM_VERSION, "rows": rows}
+    store.write_bytes(store.path("summary.json"), json.dumps(summary, indent=2).encode())
+    return summary
