@@ -33,12 +33,17 @@ def _work(samples: float | None) -> str:
     return f"{samples / 1e3:.1f}k" if samples >= 1e3 else f"{samples:.0f}"
 
 
+def _entries(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(forget set, method, params, epoch) -> split -> row, in summary order: one line of the table."""
+    entries: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        entries.setdefault((row["forget_set"], row["method"], row["params"], row["epoch"]), {})[row["split"]] = row
+    return entries
+
+
 def summary_table(rows: list[dict]) -> str:
     """A fixed-width table of P95 KLOM and accuracy per split, with degenerate-sample counts flagged."""
-    keyed: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        key = (row["forget_set"], row["method"], row["params"], row["epoch"])
-        keyed.setdefault(key, {})[row["split"]] = row
+    keyed = _entries(rows)
     header = (f"{'forget':>6} {'method':<16} {'params':<28} {'ep':>3} {'N':>5}  "
               + "  ".join(f"{'P95 ' + s:>11}" for s in SPLITS) + "  "
               + "  ".join(f"{'acc ' + s:>11}" for s in SPLITS) + f"  {'work':>8}")
@@ -62,11 +67,7 @@ def summary_table(rows: list[dict]) -> str:
 # -- plots and the HTML page -----------------------------------------------------------------------------------------
 def _by_entry(rows: list[dict], forget_set: str) -> dict[tuple, dict[str, dict]]:
     """(method, params, epoch) -> split -> row, for one forget set, in summary order."""
-    entries: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        if row["forget_set"] == forget_set:
-            entries.setdefault((row["method"], row["params"], row["epoch"]), {})[row["split"]] = row
-    return entries
+    return {key[1:]: by_split for key, by_split in _entries(rows).items() if key[0] == forget_set}
 
 
 def _names(entries: dict[tuple, dict]) -> dict[tuple, str]:
