@@ -366,12 +366,11 @@ def _already_imported(store: RunStore, identity: dict, units: list[ImportUnit], 
     for uid, (*_, with_checkpoint) in zip(ids, units, strict=True):
         if not store.is_complete(uid) or (with_checkpoint and not store.exists(store.checkpoint_path(uid))):
             return None
-    paths = {fs: store.path("forget_sets", f"{fs}.json") for fs in forget_sets}
-    if not all(store.exists(p) for p in paths.values()):
+    if not all(store.exists(store.forget_set_path(fs)) for fs in forget_sets):
         return None
     dataset = store.read_json(store.path("dataset.json"))
     _check_sizes(dataset["n_train"], dataset["n_val"], expect_sizes)
-    indices = {fs: np.asarray(store.read_json(p)["indices"], dtype=np.int64) for fs, p in paths.items()}
+    indices = {fs: store.read_forget_set(fs) for fs in forget_sets}
     notes = store.read_json(store.path("easydub.json")).get("notes", [])
     return ImportReport(run_id, store.uri, str(source), dataset["n_train"], dataset["n_val"], [], ids, indices, notes)
 
@@ -478,16 +477,10 @@ def record_images(store: RunStore, fingerprint: str) -> None:
 
 
 def _record_forget_set(store: RunStore, fs: str, idx: np.ndarray) -> None:
-    """``forget_sets/<id>.json`` exactly as ``engine.record_forget_sets`` writes it (and refuses a changed set)."""
-    path = store.path("forget_sets", f"{fs}.json")
-    record = {"id": fs, "description": f"EasyDUB forget set {fs} ({len(idx)} train samples, hub file "
-                                       f"{forget_set_file(fs)})", "indices": idx.tolist()}
-    if store.exists(path):
-        if store.read_json(path)["indices"] != record["indices"]:
-            raise EasyDubError(f"forget set {fs!r} in {store.uri} has other indices than the hub file; "
-                               "use a new --out folder")
-        return
-    store.write_json(path, record)
+    description = f"EasyDUB forget set {fs} ({len(idx)} train samples, hub file {forget_set_file(fs)})"
+    if not store.record_forget_set(fs, description, idx):
+        raise EasyDubError(f"forget set {fs!r} in {store.uri} has other indices than the hub file; "
+                           "use a new --out folder")
 
 
 def _update_record(store: RunStore, source: str | Path, root: Path, checks: dict, reader: _Reader,

@@ -119,18 +119,11 @@ def start_ray(config: RunConfig | None = None, verbose: bool = False) -> bool:
 
 def record_forget_sets(store: RunStore, plan: Plan) -> dict[str, np.ndarray]:
     """Store each forget set's indices with the run; refuse a set whose id now means other indices."""
-    out = {}
     for fs_id, fs in plan.forget_sets.items():
-        path = store.path("forget_sets", f"{fs_id}.json")
-        record = {"id": fs_id, "description": fs.description, "indices": fs.indices.tolist()}
-        if store.exists(path):
-            if store.read_json(path)["indices"] != record["indices"]:
-                raise ConfigError(f"forget set {fs_id!r} in {store.uri} has other indices than the one given now; "
-                                  "give it another name or use a new --out folder")
-        else:
-            store.write_json(path, record)
-        out[fs_id] = fs.indices
-    return out
+        if not store.record_forget_set(fs_id, fs.description, fs.indices):
+            raise ConfigError(f"forget set {fs_id!r} in {store.uri} has other indices than the one given now; "
+                              "give it another name or use a new --out folder")
+    return {fs_id: fs.indices for fs_id, fs in plan.forget_sets.items()}
 
 
 STEPS = ("all", "train", "unlearn")

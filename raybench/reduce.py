@@ -196,7 +196,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
         oracle = oracle_groups[fs]
         if not _check_complete(oracle, n_oracles, f"oracles of forget set {fs}"):
             continue
-        forget_idx = np.asarray(store.read_json(store.path("forget_sets", f"{fs}.json"))["indices"], dtype=np.int64)
+        forget_idx = store.read_forget_set(fs)
         candidates = [(original, [0])] + [(g, g.epochs) for (f, _, _), g in sorted(method_groups.items()) if f == fs]
         for group, epochs in candidates:
             if methods is not None and (group.method, group.params) not in methods:

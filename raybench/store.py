@@ -243,6 +243,23 @@ class RunStore:
             raise StoreError(f"{self.uri} has format version {info.get('format_version')}, expected {FORMAT_VERSION}")
         return info
 
+    # -- forget sets --------------------------------------------------------------------------------------------
+    def forget_set_path(self, set_id: str) -> str:
+        return self.path("forget_sets", f"{set_id}.json")
+
+    def record_forget_set(self, set_id: str, description: str, indices: np.ndarray) -> bool:
+        """Keep a forget set's indices with the run (written once). Returns False, writing nothing, when the run
+        already holds other indices under this id: its stored results mean those, so the caller must refuse."""
+        path = self.forget_set_path(set_id)
+        if self.exists(path):
+            return self.read_json(path)["indices"] == indices.tolist()
+        self.write_json(path, {"id": set_id, "description": description, "indices": indices.tolist()})
+        return True
+
+    def read_forget_set(self, set_id: str) -> np.ndarray:
+        """The indices of a forget set recorded with the run, in its own order."""
+        return np.asarray(self.read_json(self.forget_set_path(set_id))["indices"], dtype=np.int64)
+
     # -- units --------------------------------------------------------------------------------------------------
     def manifest_path(self, unit_id: str) -> str:
         return self.path("manifests", f"{unit_id}.json")
