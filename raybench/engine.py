@@ -162,8 +162,8 @@ def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str
         raise StoreError(f"{len(missing)} imported unit(s) the plan needs are not in {store.uri}: {missing[:3]}")
     selected = [u for u in plan.units if step == "all" or u.kind == step]
     todo = [u for u in selected if u.id not in done]
-    waiting = {dep for u in todo for dep in u.depends_on if dep not in done and step == "unlearn"}
-    if waiting:
+    waiting = {dep for u in todo for dep in u.depends_on if dep not in done}  # "all" trains them first
+    if step == "unlearn" and waiting:
         raise ConfigError(f"{len(waiting)} train unit(s) that these methods start from are not in {store.uri} yet: "
                           "run `raybench train` with the same config first (or `raybench run`, which does both)")
     report = RunReport(run_id, store.uri, len(selected), len(selected) - len(todo), 0)
