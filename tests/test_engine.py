@@ -171,3 +171,36 @@ def test_train_then_unlearn_equals_run_and_report_prints_it(ray_session, tmp_pat
     assert all((tmp_path / "split" / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in plots)
     assert all(f'src="plots/{name}"' in page for name in plots) and page.count("<tr>") == 1 + 6  # header, rows
     assert runner.invoke(main, ["report", str(tmp_path)]).exit_code == 2
+
+
+# (5, 8): rows of one (epoch, split, chunk) straddle row groups of 8 differently per epoch, so one matrix comes back
+# from Arrow as a single read-only buffer while the other is a writable concatenation (the mix that crashed reduce)
+@pytest.mark.parametrize("n_models,block_size", [(5, 8), (4, 4)], ids=["smaller-than-a-block", "one-full-block"])
+def test_an_ensemble_in_one_block_is_reduced_as_the_reference_scores_it(ray_session, tmp_path, n_models, block_size):
+    """Every ensemble fits in one unit: its chunk comes back from Arrow as one read-only buffer, unlike a
+    concatenation of blocks. The summary must still be computed, and equal the reference on the stored rows."""
+    from klom_reference import reference_klom
+
+    out = tmp_path / "run"
+    _, store, _, rows = _run(out, n_models=n_models, block_size=block_size, forget_sets="1",
+                             methods="do_nothing,finetune", params={"finetune": {"epochs": [1, 2]}})
+    assert {(r["method"], r["epoch"], r["split"]) for r in rows} == {
+        (m, e, s) for m, e in (("do_nothing", 0), ("finetune", 1), ("finetune", 2))
+        for s in ("retain", "forget", "val")}
+
+    def stored(role: str) -> np.ndarray:
+        """The role's val margins as (models, samples), straight from its Parquet files."""
+        files = [str(out / f) for u in store.completed_units().values() if u.meta["role"] == role for f in u.files]
+        table = pq.read_table(files, partitioning=None, filters=[("split", "=", "val")])
+        rows = sorted(table.select(["model_id", "chunk", "margins"]).to_pylist(),
+                      key=lambda r: (r["model_id"], r["chunk"]))
+        by_model: dict = {}
+        for r in rows:
+            by_model.setdefault(r["model_id"], []).extend(r["margins"])
+        return np.array([by_model[m] for m in sorted(by_model)], dtype=np.float32)
+
+    val = next(r for r in rows if r["method"] == "do_nothing" and r["split"] == "val")
+    expected = reference_klom(stored("original"), stored("oracle"))
+    assert val["klom_mean"] == pytest.approx(float(expected.mean()), rel=1e-12)
+    assert val["klom_p95"] == pytest.approx(float(np.percentile(expected, 95)), rel=1e-12)
+

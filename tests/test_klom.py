@@ -66,6 +66,29 @@ def test_property_parity(n_u, n_o, n_samples, seed, dtype, bins):
     np.testing.assert_array_equal(klom(u, o, bins=bins), reference_klom(u, o, bins=bins))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 9), st.integers(1, 9), st.integers(1, 40), st.integers(0, 2**32 - 1),
+    st.sampled_from([np.float32, np.float64]), st.sampled_from([np.float32, np.float64]),
+    st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+)
+def test_any_mix_of_read_only_and_memory_orders_matches_the_reference(n_u, n_o, n, seed, dtype_u, dtype_o,
+                                                                      frozen_u, frozen_o, fortran_u, fortran_o):
+    """Arrow hands reduce read-only matrices, a concatenation of chunks is writable, a transposed view is
+    F-ordered: every combination must score as the reference does (a numba typing error once hid here)."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(0.5, 2, (n_u, n)).astype(dtype_u)
+    o = rng.normal(0, 2, (n_o, n)).astype(dtype_o)
+    expected = reference_klom(u, o) if dtype_u == dtype_o == np.float32 else reference_klom(
+        u.astype(np.float64), o.astype(np.float64))
+    views = []
+    for a, frozen, fortran in ((u, frozen_u, fortran_u), (o, frozen_o, fortran_o)):
+        a = np.asfortranarray(a) if fortran else a.copy()
+        a.flags.writeable = not frozen
+        views.append(a)
+    np.testing.assert_array_equal(klom_details(*views).values, expected)
+
+
 def test_identical_ensembles_score_zero():
     x = RNG.normal(0, 1, (100, 200)).astype(np.float32)
     assert np.all(klom(x, x) == 0.0)

@@ -174,6 +174,16 @@ def _linspace_into(start, stop, grid, edges):
 
 
 @numba.njit(cache=True, inline="always")
+def _column_range(src, s, clip_lo, clip_hi, lo, hi):
+    """(min, max) of ``lo``, ``hi`` and the clipped values of column ``s`` of ``src``."""
+    for m in range(src.shape[0]):
+        v = min(max(src[m, s], clip_lo), clip_hi)
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+@numba.njit(cache=True, inline="always")
 def _count_column(src, s, clip_lo, clip_hi, edges, lo, inv_width, bins, counts):
     counts[:] = 0
     for m in range(src.shape[0]):
@@ -203,12 +213,10 @@ def _binned_terms(u, o, s0, s1, grid, one, clip_lo, clip_hi, closed, eps, block,
         for j in range(b * block, min(w, (b + 1) * block)):
             s = s0 + j
             lo = min(max(u[0, s], clip_lo), clip_hi)
-            hi = lo
-            for src in (u, o):
-                for m in range(src.shape[0]):
-                    v = min(max(src[m, s], clip_lo), clip_hi)
-                    lo = min(lo, v)
-                    hi = max(hi, v)
+            # one call per ensemble, not a loop over (u, o): a tuple of a read-only and a writable array has two
+            # element types, which numba cannot iterate (Arrow hands reduce read-only matrices)
+            lo, hi = _column_range(u, s, clip_lo, clip_hi, lo, lo)
+            lo, hi = _column_range(o, s, clip_lo, clip_hi, lo, hi)
             stop = hi if lo < hi else lo + one
             _linspace_into(lo, stop, grid, edges)
             lo64 = np.float64(lo)
