@@ -52,9 +52,10 @@ def write_run(out: str, *, models: int, n_train: int, n_val: int, block: int, ch
                 continue
             margins = {split: rng.normal(shift, 3.0, size=(len(ids), n)).astype(np.float32)
                        for split, n in (("train", n_train), ("val", n_val))}
+            top1 = {split: m + rng.exponential(1.0, size=m.shape).astype(np.float32) for split, m in margins.items()}
             table = margins_table(run="synthetic", unit=unit, role=role, method="none", params="{}",
                                   forget_set=forget_set, model_ids=ids, seeds=ids, epoch=1, margins=margins,
-                                  chunk_size=chunk)
+                                  chunk_size=chunk, top1=top1)
             store.write_unit({"unit": unit, "kind": "train", "role": role, "forget_set": forget_set,
                               "method": "none", "params": "{}", "epochs": [1], "model_ids": ids, "seeds": ids},
                              table)

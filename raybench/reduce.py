@@ -1,5 +1,8 @@
 """Reduce stored margins to the summary: KLOM and accuracy per (forget set, method, params, epoch, split).
 
+Accuracy is top-1 accuracy, read from the stored ``top1_margins`` (> 0: right, a tie is wrong), averaged over
+models and the samples of a split; it is left empty where some model's top-1 margins are not stored.
+
 Reads the run folder alone (``raybench reduce OUT`` needs nothing else) and never retrains. The work is a list of
 jobs, one per (ensemble, split, sample chunk); each reads only its chunk of its files with pyarrow filters, so
 memory holds one chunk of every model, not the run. The jobs run in this process, or as plain Ray tasks on a
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raybench.metrics import KLOM_VERSION, klom_details, summarize
-from raybench.store import RunStore, StoreError, UnitOutput, margins_matrix
+from raybench.store import RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +110,9 @@ class ChunkJob:
     """One reduce task: one ensemble against its forget set's oracles on one (split, chunk), every epoch.
 
     Plain data (file lists, no store object), so it can be shipped to a Ray task that opens the run folder by
-    its URI. It reads at most two (models × chunk width) matrices at a time: memory is bounded by the chunk
-    size, whatever the number of samples.
+    its URI. It holds at most two (models × chunk width) margin matrices at a time, and a top-1 matrix of one of
+    them while it is reduced to per-sample accuracy: memory is bounded by the chunk size, whatever the number of
+    samples.
     """
 
     files: tuple[str, ...]  # the ensemble's Parquet files, relative to the run folder
@@ -123,28 +127,40 @@ class ChunkJob:
 
 
 ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-"""Per sample of one chunk: KLOM, degenerate flag, accuracy of the ensemble, accuracy of the oracles."""
+"""Per sample of one chunk: KLOM, degenerate flag, top-1 accuracy of the ensemble, of the oracles (NaN where
+some model's top-1 margins are not stored)."""
 
 
-def _matrix(store: RunStore, files: tuple[str, ...], job: ChunkJob, epoch: int | None, n_models: int,
-            what: str) -> np.ndarray:
+def _matrices(store: RunStore, files: tuple[str, ...], job: ChunkJob, epoch: int | None, n_models: int,
+              what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Margins and top-1 margins (None: not stored for some model) of one chunk, read together."""
     table = store.read_margin_files(files, split=job.split, chunk=job.chunk, epoch=epoch)
-    matrix = margins_matrix(table)
-    if matrix.shape != (n_models, job.width):
-        raise StoreError(f"{job.label} ({what}) {job.split} chunk {job.chunk}: stored margins have shape "
-                         f"{matrix.shape}, expected {(n_models, job.width)}")
-    return matrix
+    matrix, top1 = margins_matrix(table), top1_matrix(table)
+    for name, m in (("margins", matrix), ("top-1 margins", top1)):
+        if m is not None and m.shape != (n_models, job.width):
+            raise StoreError(f"{job.label} ({what}) {job.split} chunk {job.chunk}: stored {name} have shape "
+                             f"{m.shape}, expected {(n_models, job.width)}")
+    return matrix, top1
+
+
+def _top1_accuracy(top1: np.ndarray | None, width: int) -> np.ndarray:
+    """Per sample, the share of models whose top-1 prediction is right (top-1 margin > 0: a tie is wrong); NaN
+    when not known, which leaves the accuracy of every split view holding the sample empty."""
+    return np.full(width, np.nan) if top1 is None else (top1 > 0).mean(axis=0)
 
 
 def score_chunk(store: RunStore, job: ChunkJob) -> list[ChunkScores]:
     """The job's per-sample scores, one entry per epoch (the oracles' chunk is read once for all epochs)."""
-    oracle = _matrix(store, job.oracle_files, job, None, job.n_oracles, "oracles")
-    oracle_correct = (oracle > 0).mean(axis=0)
+    oracle, oracle_top1 = _matrices(store, job.oracle_files, job, None, job.n_oracles, "oracles")
+    oracle_correct = _top1_accuracy(oracle_top1, job.width)
+    del oracle_top1
     out = []
     for epoch in job.epochs:
-        unlearned = _matrix(store, job.files, job, epoch, job.n_models, "models")
+        unlearned, top1 = _matrices(store, job.files, job, epoch, job.n_models, "models")
+        correct = _top1_accuracy(top1, job.width)
+        del top1
         result = klom_details(unlearned, oracle)
-        out.append((result.values, result.degenerate, (unlearned > 0).mean(axis=0), oracle_correct))
+        out.append((result.values, result.degenerate, correct, oracle_correct))
         del unlearned
     return out
 
@@ -268,10 +284,15 @@ def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[
             "forget_set": sc.forget_set, "method": sc.group.method, "params": sc.group.params, "epoch": epoch,
             "split": split, "n_models": sc.group.n_models, "n_oracles": sc.oracle.n_models, "n_samples": len(idx),
             **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
-            "accuracy": float(correct.mean()), "oracle_accuracy": float(oracle_correct.mean()),
+            "accuracy": _accuracy(correct), "oracle_accuracy": _accuracy(oracle_correct),
             "grad_samples": grad_samples, "klom_version": KLOM_VERSION, "run": run_id, "compute_s": compute_s,
         })
     return rows
+
+
+def _accuracy(per_sample: np.ndarray) -> float | None:
+    """Top-1 accuracy over a split view; None (blank in the CSV) if any sample's is unknown: never a proxy."""
+    return None if np.isnan(per_sample).any() else float(per_sample.mean())
 
 
 def _natural(s: str) -> tuple:

@@ -33,6 +33,11 @@ def _work(samples: float | None) -> str:
     return f"{samples / 1e3:.1f}k" if samples >= 1e3 else f"{samples:.0f}"
 
 
+def _accuracy(value: float | None) -> str:
+    """Top-1 accuracy, or "-" where it is not known (models imported with their margins only)."""
+    return f"{'-':>11}" if value is None or value == "" else f"{float(value):>11.3f}"
+
+
 def _entries(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     """(forget set, method, params, epoch) -> split -> row, in summary order: one line of the table."""
     entries: dict[tuple, dict[str, dict]] = {}
@@ -42,7 +47,7 @@ def _entries(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """A fixed-width table of P95 KLOM and accuracy per split, with degenerate-sample counts flagged."""
+    """A fixed-width table of P95 KLOM and top-1 accuracy per split, with degenerate-sample counts flagged."""
     keyed = _entries(rows)
     header = (f"{'forget':>6} {'method':<16} {'params':<28} {'ep':>3} {'N':>5}  "
               + "  ".join(f"{'P95 ' + s:>11}" for s in SPLITS) + "  "
@@ -55,7 +60,7 @@ def summary_table(rows: list[dict]) -> str:
             r = by_split.get(s)
             flag = "*" if r and r["klom_degenerate"] else " "
             p95.append(f"{r['klom_p95']:>10.3f}{flag}" if r else f"{'':>11}")
-        acc = [f"{by_split[s]['accuracy']:>11.3f}" if s in by_split else f"{'':>11}" for s in SPLITS]
+        acc = [_accuracy(by_split[s]["accuracy"]) if s in by_split else f"{'':>11}" for s in SPLITS]
         lines.append(f"{fs:>6} {method:<16} {_short_params(params):<28} {epoch:>3} {first['n_models']:>5}  "
                      + "  ".join(p95) + "  " + "  ".join(acc) + f"  {_work(first.get('grad_samples')):>8}")
     if any(r["klom_degenerate"] for r in rows):

@@ -13,7 +13,8 @@ neighbours in a stack of the same size. Across stack sizes the ``mlp`` still agr
 agrees up to float rounding, because the grouped-convolution kernel depends on the number of groups.
 
 Precision: float32 everywhere, except that an architecture may ask for autocast on CUDA (``autocast_for``; the
-ResNet-9 trains and evaluates in bf16 there, as EasyDUB does). Margins are always computed in float32.
+ResNet-9 trains and evaluates in bf16 there, as EasyDUB does). Margins and top-1 margins are always computed in
+float32.
 """
 
 from __future__ import annotations
@@ -206,6 +207,44 @@ def margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return z_y - torch.logsumexp(others, dim=-1)
 
 
+def top1_margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 margins ``z_y - max_{j≠y} z_j`` of logits ``(M, B, C)`` for labels ``(B,)`` (or ``(M, B)``), as
+    ``(M, B)`` float32: > 0 exactly when the true class is the model's top-1 prediction. A tie with another class
+    gives 0 and counts as wrong (no arbitrary tie-break by class index). Accuracy needs its own number because
+    the KLOM margin ``z_y - logsumexp_{j≠y} z_j`` is > 0 only when p_y > 1/2: logits [1.0, 0.9 × 9] with label 0
+    are a correct prediction with margin -2.10. Computed in float32 like the margins (the cast of bf16/fp16
+    logits is exact, and so is the sign of a float32 difference)."""
+    z = logits.float()
+    target = y.to(device=z.device, dtype=torch.long).expand(z.shape[:-1]).unsqueeze(-1)
+    z_y = z.gather(-1, target).squeeze(-1)
+    others = z.scatter(-1, target, float("-inf"))
+    return z_y - others.amax(dim=-1)
+
+
+def _eval_batch_size(stack: StackedModel, batch_size: int | None) -> int:
+    if batch_size is not None:
+        return batch_size
+    budget = getattr(stack, "eval_batch_budget", None)
+    return 4096 if budget is None else max(1, budget // stack.n_models)
+
+
+def _eval_logits(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) of ``batch_size`` samples at a time, in eval mode; the train/eval mode is restored."""
+    param = next(stack.parameters())
+    was_training = stack.training
+    stack.eval()
+    try:
+        with cudnn_autotune(stack):
+            for start in range(0, len(y), batch_size):
+                xb = x[start : start + batch_size].to(device=param.device, dtype=param.dtype)
+                with autocast_for(stack):
+                    logits = stack(xb)
+                yield logits, y[start : start + batch_size]
+    finally:
+        stack.train(was_training)
+
+
 @torch.no_grad()
 def compute_margins(
     stack: StackedModel, x: torch.Tensor, y: torch.Tensor, *, batch_size: int | None = None
@@ -218,22 +257,25 @@ def compute_margins(
     × models per batch), to that budget divided by M: a stack of 50 ResNet-9s on 4096 images at once would
     hold tens of GB of activations.
     """
-    if batch_size is None:
-        budget = getattr(stack, "eval_batch_budget", None)
-        batch_size = 4096 if budget is None else max(1, budget // stack.n_models)
-    param = next(stack.parameters())
-    was_training = stack.training
-    stack.eval()
-    chunks = []
-    try:
-        with cudnn_autotune(stack):
-            for start in range(0, len(y), batch_size):
-                xb = x[start : start + batch_size].to(device=param.device, dtype=param.dtype)
-                with autocast_for(stack):
-                    logits = stack(xb)
-                chunks.append(margins_from_logits(logits, y[start : start + batch_size]).cpu())
-    finally:
-        stack.train(was_training)
+    chunks = [margins_from_logits(logits, yb).cpu()
+              for logits, yb in _eval_logits(stack, x, y, _eval_batch_size(stack, batch_size))]
     if not chunks:
         return np.zeros((stack.n_models, 0), dtype=np.float32)
     return torch.cat(chunks, dim=1).numpy()
+
+
+@torch.no_grad()
+def compute_scores(
+    stack: StackedModel, x: torch.Tensor, y: torch.Tensor, *, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(margins, top-1 margins) of every model on every sample, two ``(M, n)`` float32 numpy arrays read off one
+    forward pass (``compute_margins`` and ``top1_margins_from_logits``): what a stored snapshot keeps, so that
+    accuracy is exact top-1 of the very logits KLOM was computed from. Arguments as ``compute_margins``."""
+    margins, top1 = [], []
+    for logits, yb in _eval_logits(stack, x, y, _eval_batch_size(stack, batch_size)):
+        margins.append(margins_from_logits(logits, yb).cpu())
+        top1.append(top1_margins_from_logits(logits, yb).cpu())
+    if not margins:
+        empty = np.zeros((stack.n_models, 0), dtype=np.float32)
+        return empty, empty.copy()
+    return torch.cat(margins, dim=1).numpy(), torch.cat(top1, dim=1).numpy()

@@ -18,7 +18,7 @@ from raybench.methods import UnlearnData, get_method
 from raybench.models import StackedModel, build_stack, concat_stacks, grad_samples, reset_grad_samples
 from raybench.plan import Unit
 from raybench.store import RunStore, margins_table
-from raybench.training import Recipe, compute_margins, train_stack
+from raybench.training import Recipe, compute_scores, train_stack
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,10 @@ class UnitContext:
         stack.load_state_dict(checkpoint["state"])
         return stack
 
-    def margins(self, stack: StackedModel) -> dict[str, np.ndarray]:
-        return {"train": compute_margins(stack, self.x_train, self.y_train),
-                "val": compute_margins(stack, self.x_val, self.y_val)}
+    def scores(self, stack: StackedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(margins, top-1 margins) by split, both from one forward pass per split (``compute_scores``)."""
+        train, val = compute_scores(stack, self.x_train, self.y_train), compute_scores(stack, self.x_val, self.y_val)
+        return {"train": train[0], "val": val[0]}, {"train": train[1], "val": val[1]}
 
 
 def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
@@ -94,7 +95,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
             ctx.store.write_checkpoint(unit.id, {"seeds": list(unit.seeds), "state": stack.state_dict()})
         compute_s = time.perf_counter() - t0
         work.append((grad_samples(), compute_s))
-        tables.append(_table(unit, ctx, ctx.recipe.epochs, ctx.margins(stack)))
+        tables.append(_table(unit, ctx, ctx.recipe.epochs, ctx.scores(stack)))
     else:
         method = get_method(unit.method)
         stack = ctx.load_stack(unit.depends_on[0])
@@ -113,7 +114,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         for epoch, snapshot in method.fn(stack, data, dict(unit.params), unit.epochs, unit.method_seed):
             compute_s += time.perf_counter() - last
             work.append((grad_samples(), compute_s))
-            tables.append(_table(unit, ctx, epoch, ctx.margins(snapshot)))
+            tables.append(_table(unit, ctx, epoch, ctx.scores(snapshot)))
             seen.append(epoch)
             last = time.perf_counter()
         compute_s += time.perf_counter() - last
@@ -128,16 +129,19 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     return table, meta
 
 
-def _table(unit: Unit, ctx: UnitContext, epoch: int, margins: dict[str, np.ndarray]) -> pa.Table:
-    """Margins rows of one snapshot. A diverged model (e.g. gradient ascent run too hot) can have infinite
-    margins: they are stored as ±float32 max, which KLOM clips to ±100 exactly as it would clip ±inf. NaN has no
-    such reading, so it fails the unit with the reason."""
-    for split, matrix in margins.items():
-        if np.isnan(matrix).any():
-            models = sorted({unit.model_ids[i] for i in np.flatnonzero(np.isnan(matrix).any(axis=1))})
-            raise FloatingPointError(f"{unit.method} on forget set {unit.forget_set}: NaN margins on {split} at "
-                                     f"epoch {epoch} for model(s) {models[:10]} (the method diverged)")
-        np.nan_to_num(matrix, copy=False, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)
+def _table(unit: Unit, ctx: UnitContext, epoch: int, scores: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+           ) -> pa.Table:
+    """Margins and top-1 margins rows of one snapshot. A diverged model (e.g. gradient ascent run too hot) can
+    have infinite values: they are stored as ±float32 max, which KLOM clips to ±100 exactly as it would clip ±inf
+    (and whose sign is what accuracy reads). NaN has no such reading, so it fails the unit with the reason."""
+    margins, top1 = scores
+    for what, by_split in (("margins", margins), ("top-1 margins", top1)):
+        for split, matrix in by_split.items():
+            if np.isnan(matrix).any():
+                models = sorted({unit.model_ids[i] for i in np.flatnonzero(np.isnan(matrix).any(axis=1))})
+                raise FloatingPointError(f"{unit.method} on forget set {unit.forget_set}: NaN {what} on {split} at "
+                                         f"epoch {epoch} for model(s) {models[:10]} (the method diverged)")
+            np.nan_to_num(matrix, copy=False, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)
     return margins_table(run=ctx.run_id, unit=unit.id, role=unit.role, method=unit.method, params=unit.params_json,
                          forget_set=unit.forget_set, model_ids=unit.model_ids, seeds=unit.seeds, epoch=epoch,
-                         margins=margins, chunk_size=ctx.chunk_size)
+                         margins=margins, chunk_size=ctx.chunk_size, top1=top1)

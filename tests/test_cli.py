@@ -66,3 +66,12 @@ def test_relative_out_is_refused_when_joining_a_cluster(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     result = _run("run", "--out", "relative/dir")
     assert result.exit_code == 2 and "relative" in result.output
+
+
+def test_reduce_of_a_folder_of_an_older_format_exits_2(tmp_path):
+    (tmp_path / "run.json").write_text('{"run": "0123", "format_version": 1, "identity": {"n_models": 6}}')
+    result = _run("reduce", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "older raybench" in result.output and "new --out" in result.output
+    assert "raybench reduce" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # nothing written over it

@@ -154,10 +154,8 @@ def test_import_then_reduce_reproduces_easydubs_evaluation(hub, tmp_path):
     for fs in ("2", "10"):
         assert_rows_match(rows, fs, "do_nothing", easydub_eval(hub, fs, N))
         assert_rows_match(rows, fs, "oracle_floor", oracle_floor_eval(hub, fs, N))
-    forget_row = next(r for r in rows if r["forget_set"] == "2" and r["method"] == "do_nothing"
-                      and r["split"] == "forget")
-    pretrain_forget = load(hub, "margins/cifar10/pretrain/forget_2/resnet9/id_{x}_epoch_23.npy", range(N))
-    assert forget_row["accuracy"] == pytest.approx(float((pretrain_forget > 0).mean()), abs=1e-12)
+    # EasyDUB publishes margins only: top-1 accuracy is not known, so it is left empty (never P(p_y > 1/2))
+    assert all(r["accuracy"] is None and r["oracle_accuracy"] is None for r in rows)
 
     # the run folder is what engine.execute writes, so the rest of raybench reads it unchanged
     identity = store.run_info()["identity"]

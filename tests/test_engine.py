@@ -77,6 +77,43 @@ def test_parquet_layout_is_hive_partitioned_one_row_per_model_split_epoch_chunk(
     assert dataset.to_table(filter=pads.field("role") == "oracle").num_rows == 2 * 6 * 4
 
 
+def _stored(table, column: str, split: str, **where) -> np.ndarray:
+    """(models, samples) of one column over the stored rows matching ``where``, chunks put back in sample order."""
+    rows = [r for r in table if r["split"] == split and all(r[k] == v for k, v in where.items())]
+    by_model: dict[int, list] = {}
+    for r in sorted(rows, key=lambda r: (r["model_id"], r["sample_start"])):
+        by_model.setdefault(r["model_id"], []).extend(r[column])
+    return np.array([by_model[i] for i in sorted(by_model)], dtype=np.float64)
+
+
+def test_accuracy_is_top1_of_the_stored_rows_and_top1_bounds_the_margins(small_run):
+    """Read with pyarrow alone: every stored row's top-1 margins are >= its margins (max <= logsumexp), and each
+    summary accuracy is the share of its ensemble's stored top-1 margins above 0 over the split's samples."""
+    out, plan, store, report, rows = small_run
+    table = pq.read_table(out / "margins", partitioning=None)
+    assert table.column("top1_margins").null_count == 0
+    margins = np.concatenate([c.flatten().to_numpy() for c in table.column("margins").chunks])
+    top1 = np.concatenate([c.flatten().to_numpy() for c in table.column("top1_margins").chunks])
+    assert margins.shape == top1.shape and np.all(top1 >= margins)
+    assert np.any((top1 > 0) & (margins <= 0))  # right, though p_y <= 1/2
+    records = table.to_pylist()
+    proxy_differs = False
+    for r in rows:
+        forget = np.asarray(json.loads((out / "forget_sets" / f"{r['forget_set']}.json").read_text())["indices"])
+        source, idx = {"retain": ("train", np.setdiff1d(np.arange(1437), forget)), "forget": ("train", forget),
+                       "val": ("val", np.arange(360))}[r["split"]]
+        where = (dict(role="original") if r["method"] == "do_nothing" else
+                 dict(role="unlearned", method=r["method"], forget_set=r["forget_set"], epoch=r["epoch"]))
+        ensemble = _stored(records, "top1_margins", source, **where)[:, idx]
+        oracles = _stored(records, "top1_margins", source, role="oracle", forget_set=r["forget_set"])[:, idx]
+        assert ensemble.shape == (6, len(idx)) and oracles.shape == (6, len(idx))
+        assert r["accuracy"] == pytest.approx(float(np.mean(ensemble > 0)), abs=1e-12), r
+        assert r["oracle_accuracy"] == pytest.approx(float(np.mean(oracles > 0)), abs=1e-12), r
+        proxy = float(np.mean(_stored(records, "margins", source, **where)[:, idx] > 0))
+        proxy_differs |= proxy != r["accuracy"]
+    assert proxy_differs  # the old number, the share of positive margins, is not what the summary reports
+
+
 def test_rerun_resumes_without_recomputing_and_gives_the_same_summary(small_run):
     out, plan, store, report, rows = small_run
     before = (out / "summary.csv").read_bytes()

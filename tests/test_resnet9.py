@@ -9,7 +9,7 @@ from torch import nn
 
 from raybench.models import build_stack, concat_stacks, stack_models
 from raybench.models.resnet9 import StackedResNet9, resnet9, resnet9_macs
-from raybench.training import Recipe, compute_margins, default_recipe, lr_multiplier, train_stack
+from raybench.training import Recipe, compute_margins, compute_scores, default_recipe, lr_multiplier, train_stack
 
 SHAPE = (3, 16, 16)  # the smallest input the architecture takes: keeps every layer, CPU-cheap
 C = 10
@@ -213,3 +213,25 @@ def test_every_method_runs_on_resnet9_stacks_model_by_model(name):
     for a, b in zip(pair.select([0]).state_dict().values(), alone.state_dict().values(), strict=True):
         assert torch.isfinite(a.float()).all()
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_top1_margins_are_exact_on_the_bf16_logits():
+    """On the GPU the ResNet-9 evaluates in bf16: the top-1 margins are read off those very logits (captured from
+    the same forward pass), cast to float32, and say "right" exactly where the label is the unique argmax."""
+    import numpy as np
+
+    gpu = build_stack("resnet9", [0, 1], (3, 32, 32), C).cuda()
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, C, (64,))
+    seen = []
+    gpu.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    margins, top1 = compute_scores(gpu, x, y)
+    [logits] = seen
+    assert logits.dtype == torch.bfloat16 and margins.dtype == top1.dtype == np.float32
+    z = logits.double().cpu().numpy()
+    for m in range(2):
+        for b in range(64):
+            others = np.delete(z[m, b], int(y[b]))
+            assert top1[m, b] == pytest.approx(z[m, b, y[b]] - others.max(), abs=1e-6)
+            assert (top1[m, b] > 0) == (z[m, b, y[b]] > others.max())
+    assert np.all(top1 >= margins)

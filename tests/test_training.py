@@ -14,10 +14,12 @@ from raybench.models import build_stack
 from raybench.training import (
     Recipe,
     compute_margins,
+    compute_scores,
     data_order_seed,
     default_recipe,
     lr_multiplier,
     margins_from_logits,
+    top1_margins_from_logits,
     train_stack,
 )
 
@@ -56,8 +58,6 @@ def test_margins_match_a_direct_per_sample_computation():
             others = np.delete(z[m, b], y[b].item())
             expected = z[m, b, y[b]] - np.log(np.sum(np.exp(others)))
             assert got[m, b].item() == pytest.approx(expected, abs=1e-4)
-    # accuracy is (margin > 0): the true class beats every other class
-    assert torch.equal(got > 0, logits.argmax(-1) == y)
     # per-model labels (M, B) are accepted too
     torch.testing.assert_close(margins_from_logits(logits, y.expand(3, 7)), got)
 
@@ -68,6 +68,50 @@ def test_margins_are_float32_for_low_precision_logits():
     got = margins_from_logits(logits, y)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, margins_from_logits(logits.float(), y))
+
+
+def _top1_reference(z: np.ndarray, y: int) -> tuple[float, bool]:
+    """Restated from the definition, per sample in float64: the gap to the best other class, and whether the
+    label is the unique argmax (a tie with another class is not a correct prediction)."""
+    others = np.delete(z, y)
+    return float(z[y] - others.max()), bool(z[y] > others.max())
+
+
+def test_top1_margins_match_argmax_with_ties_counted_wrong():
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 9, 10, generator=gen) * 0.3).bfloat16()  # close logits: margin and top-1 disagree
+    y = torch.randint(0, 10, (9,), generator=gen)
+    logits[0, 0] = torch.tensor([1.0] + [0.9] * 9)  # right with p_y ≈ 0.11: top-1 > 0 but margin ≈ -2.10
+    y[0] = 0
+    logits[0, 1] = torch.tensor([0.0, 2.0, 2.0] + [-1.0] * 7)  # the label ties class 2: wrong, though argmax is 1
+    y[1] = 1
+    got = top1_margins_from_logits(logits, y)
+    assert got.shape == (3, 9) and got.dtype == torch.float32
+    z = logits.float().double().numpy()  # the bf16 values, exactly
+    for m in range(3):
+        for b in range(9):
+            gap, right = _top1_reference(z[m, b], int(y[b]))
+            assert got[m, b].item() == pytest.approx(gap, abs=1e-6), (m, b)
+            assert (got[m, b].item() > 0) == right, (m, b)
+    margins = margins_from_logits(logits, y)
+    assert got[0, 0].item() == pytest.approx(0.1, abs=2e-3) and margins[0, 0].item() == pytest.approx(-2.10, abs=0.01)
+    assert got[0, 1].item() == 0.0 and logits[0, 1].argmax().item() == 1  # the tie: 0, i.e. wrong
+    assert torch.equal(top1_margins_from_logits(logits, y.expand(3, 9)), got)
+    assert torch.any((got > 0) != (margins > 0))  # the data can tell top-1 accuracy from P(p_y > 1/2)
+
+
+def test_compute_scores_is_compute_margins_plus_top1_of_the_same_logits(digits):
+    x, y, _, _ = digits
+    stack = build_stack("mlp", [0, 1], (1, 8, 8), 10)
+    margins, top1 = compute_scores(stack, x[:300], y[:300], batch_size=128)
+    assert margins.shape == top1.shape == (2, 300) and margins.dtype == top1.dtype == np.float32
+    np.testing.assert_array_equal(margins, compute_margins(stack, x[:300], y[:300], batch_size=128))
+    with torch.no_grad():
+        expected = top1_margins_from_logits(stack(x[:300]), y[:300]).numpy()
+    np.testing.assert_allclose(top1, expected, atol=1e-6)
+    assert stack.training  # mode restored
+    assert np.all(top1 >= margins)  # max_{j≠y} z_j <= logsumexp_{j≠y} z_j
+    assert [a.shape for a in compute_scores(stack, x[:0], y[:0])] == [(2, 0), (2, 0)]
 
 
 def test_compute_margins_on_a_stack(digits):
@@ -136,7 +180,7 @@ def test_recipe_validation_and_defaults():
 def test_default_mlp_recipe_trains_accurate_models(digits):
     x, y, xv, yv = digits
     stack = train_stack(build_stack("mlp", range(4), (1, 8, 8), 10), x, y, default_recipe("digits", "mlp"))
-    val_acc = (compute_margins(stack, xv, yv) > 0).mean(axis=1)
+    val_acc = (compute_scores(stack, xv, yv)[1] > 0).mean(axis=1)  # top-1
     assert val_acc.shape == (4,) and val_acc.min() > 0.93, val_acc
 
 
