@@ -27,9 +27,9 @@ How the files map to raybench's splits, so that reduce computes what EasyDUB's `
   oracles ``0 .. K-1`` (``K = n_oracles``, default ``n_models``), then ``matching_oracles=k`` oracles
   ``K .. K+k-1`` imported as ``matching_oracle`` units (margins and checkpoints: the oracles oracle matching
   fine-tunes against), then with ``oracle_floor=True`` oracles ``K+k .. K+k+n_models-1`` as the "unlearned"
-  models of a method ``oracle_floor``, whose summary rows are the oracle-vs-oracle noise floor (METHODS.md §1.6,
-  §6.1). The three never share a model, also across imports into one folder (``_check_against_store``); when the
-  200 published oracles cannot hold them the import refuses and says which ``n_models`` fits.
+  models of a method ``oracle_floor``, whose summary rows are the oracle-vs-oracle noise floor. The three never
+  share a model, also across imports into one folder (``_check_against_store``); when the 200 published oracles
+  cannot hold them the import refuses and says which ``n_models`` fits.
 * ``checkpoints=True`` also stores each block of originals as a stacked checkpoint, which is what a run's unlearn
   units start from (``UnitContext.load_stack``): ``raybench run`` with ``easydub_source`` set imports this way,
   then runs every method on the published originals (``raybench.engine.import_published``).
@@ -47,9 +47,9 @@ bf16 autocast inference on GPU (logits cast to float32 before the margin), ours 
 rms and a few % in the tail; a margin moves by at most twice the largest logit change, and logits are at most
 about |margin| plus a few in size: ≈ 0.05·|m|, with 0.25 for margins near 0. A layout error moves margins by the
 spread between samples or between models: several units for trained CIFAR-10 ResNet-9s, at most of the compared
-positions, far past the bound. The bound is derived, not measured on the published files: ``easydub.json`` records each
-file's largest ``|diff| / bound`` (``margin_check``), the headroom. Without images the check is not done and a note
-says so; a rerun with images (or a run) does it before reusing the units.
+positions, far past the bound. The bound is derived, not measured on the published files: ``easydub.json``
+records each file's largest ``|diff| / bound`` (``margin_check``), the headroom. Without images the check is not
+done and a note says so; a rerun with images (or a run) does it before reusing the units.
 
 Units come in blocks of ``block_size`` models, with ids derived from what they hold (``import_unit_id``), so a
 run's plan names exactly the units an import wrote, and an import rerun skips them.
