@@ -234,29 +234,41 @@ def report_command(out: str) -> None:
               help="Pretrain models to import (hub ids 0..N-1).")
 @click.option("--n-oracles", type=int, help="Oracles per forget set that score them (hub ids 0..K-1; default N).")
 @click.option("--out", required=True, help="Run folder to write: a path or a pyarrow URI (s3://, gs://).")
+@click.option("--matching-oracles", type=int, default=0, show_default=True,
+              help="Also import oracles K..K+M-1 of every forget set, with their state dicts: the targets of oracle "
+                   "matching (a later `raybench run` on this folder reuses them).")
 @click.option("--oracle-floor", is_flag=True,
-              help="Also import oracles K..K+N-1 as method 'oracle_floor': the oracle-vs-oracle noise floor.")
+              help="Also import oracles K+M..K+M+N-1 (after the scoring and matching oracles, never shared with "
+                   "them) as method 'oracle_floor': the oracle-vs-oracle noise floor.")
 @click.option("--checkpoints", is_flag=True,
               help="Also store the originals' published state dicts, stacked per block (what unlearning starts from).")
+@click.option("--data-root", type=click.Path(file_okay=False),
+              help="CIFAR-10 folder (as `raybench run --data-root`): with --checkpoints, first check that published "
+                   "state dicts reproduce the hub's margins on these images (without it the check is not done).")
 @click.option("--block-size", type=int, default=50, show_default=True,
               help="Models per stored unit; `raybench run` on the same folder must use the same.")
 @click.option("--chunk-size", type=int, default=8192, show_default=True, help="Samples per Parquet row.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache for downloads.")
 def import_easydub_command(source: str, forget_sets: str, n_models: int, n_oracles: int | None, out: str,
-                           oracle_floor: bool, checkpoints: bool, block_size: int, chunk_size: int,
-                           cache_dir: str | None) -> None:
+                           matching_oracles: int, oracle_floor: bool, checkpoints: bool, data_root: str | None,
+                           block_size: int, chunk_size: int, cache_dir: str | None) -> None:
     """Write EasyDUB's published CIFAR-10 ResNet-9 margins (originals and oracles) into a run folder.
 
     Then `raybench reduce OUT` scores the do-nothing baseline exactly as EasyDUB's eval_pretrain.py does.
     """
+    from raybench.data import load_dataset
     from raybench.easydub import EasyDubError, import_easydub
     from raybench.store import StoreError
 
     ids = [s.strip() for s in forget_sets.split(",") if s.strip()]
     try:
-        report = import_easydub(source, ids, n_models, out, n_oracles=n_oracles, oracle_floor=oracle_floor,
-                                checkpoints=checkpoints, block_size=block_size, chunk_size=chunk_size,
-                                cache_dir=cache_dir)
+        images = load_dataset("cifar10", data_root) if data_root else None
+    except ValueError as err:  # CIFAR-10 missing and offline, corrupted files (as `raybench run`)
+        raise click.UsageError(str(err)) from err
+    try:
+        report = import_easydub(source, ids, n_models, out, n_oracles=n_oracles, matching_oracles=matching_oracles,
+                                oracle_floor=oracle_floor, checkpoints=checkpoints, block_size=block_size,
+                                chunk_size=chunk_size, images=images, cache_dir=cache_dir)
     except (EasyDubError, StoreError) as err:
         raise click.UsageError(str(err)) from err
     sizes = ", ".join(f"{fs} ({n})" for fs, n in report.forget_set_sizes.items())

@@ -11,7 +11,7 @@ sweeps over its items, except ``epochs``, the list of snapshots to score).
 ``easydub_source`` (a folder in the EasyDUB hub layout, or the hub repo id) switches a CIFAR-10 / ResNet-9 run
 from training its own originals and oracles to EasyDUB's published ones: pretrain models ``0..n_models-1`` are
 the originals, oracles ``0..n_models-1`` of each forget set score KLOM, oracles from ``n_models`` on are the
-matching oracles of oracle matching, and only the unlearning runs here.
+matching oracles of oracle matching (``raybench.easydub.allocate_oracles``), and only the unlearning runs here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raybench.data import DATASETS
-from raybench.easydub import FORGET_ID, HUB_N_MODELS, run_identity
+from raybench.easydub import FORGET_ID, EasyDubError, allocate_oracles, run_identity
 from raybench.ids import digest
 from raybench.models import ARCHS
 from raybench.training import Recipe, default_recipe
@@ -174,5 +174,7 @@ def _validate_easydub(config: RunConfig) -> None:
     bad = [fs for fs in config.forget_sets if not FORGET_ID.fullmatch(fs)]
     if bad:
         raise ConfigError(f"forget sets of an EasyDUB run are EasyDUB's ids 1..10, got {', '.join(bad)}")
-    if config.n_models > HUB_N_MODELS:
-        raise ConfigError(f"n_models = {config.n_models}: EasyDUB publishes {HUB_N_MODELS} models per role")
+    try:  # the scoring oracles alone; with matching oracles the engine checks again (import_published)
+        allocate_oracles(config.n_models)
+    except EasyDubError as err:
+        raise ConfigError(str(err)) from err

@@ -23,20 +23,41 @@ How the files map to raybench's splits, so that reduce computes what EasyDUB's `
 * oracles (``role=oracle``, one unit per forget set): their retain and forget margins are scattered back to
   train-id order (retain → R ascending, forget → F in file order), so the stored ``train`` split covers every id
   and reduce's retain / forget views give back the two files column for column; ``val`` as is.
-* ``oracle_floor=True`` also imports oracles ``n_oracles .. n_oracles+n_models-1`` as the "unlearned" models of a
-  method ``oracle_floor``: its summary rows are the oracle-vs-oracle noise floor (METHODS.md §1.6, §6.1).
-* ``matching_oracles=k`` imports oracles ``n_oracles .. n_oracles+k-1`` of every forget set as ``matching_oracle``
-  units (margins and checkpoints): the oracles oracle matching fine-tunes against, disjoint from the scoring ones.
+* hub oracle ids (``allocate_oracles``, the one allocation of an import and of an EasyDUB run's plan): scoring
+  oracles ``0 .. K-1`` (``K = n_oracles``, default ``n_models``), then ``matching_oracles=k`` oracles
+  ``K .. K+k-1`` imported as ``matching_oracle`` units (margins and checkpoints: the oracles oracle matching
+  fine-tunes against), then with ``oracle_floor=True`` oracles ``K+k .. K+k+n_models-1`` as the "unlearned"
+  models of a method ``oracle_floor``, whose summary rows are the oracle-vs-oracle noise floor. The three never
+  share a model, also across imports into one folder (``_check_against_store``); when the 200 published oracles
+  cannot hold them the import refuses and says which ``n_models`` fits.
 * ``checkpoints=True`` also stores each block of originals as a stacked checkpoint, which is what a run's unlearn
   units start from (``UnitContext.load_stack``): ``raybench run`` with ``easydub_source`` set imports this way,
   then runs every method on the published originals (``raybench.engine.import_published``).
+
+Margin cross-check (``check_margins``): method rows are margins raybench computes from the published state dicts,
+while the do-nothing row and the oracles are the hub's margin files, so a wrong checkpoint format, key layout,
+normalisation or sample order would shift every method row against its baseline. With ``checkpoints`` and the
+images (``images``: a run passes its data set, ``raybench import-easydub`` takes ``--data-root``), the import first
+recomputes pretrain models 0, 1 and scoring oracles 0, 1 of every forget set (downloading just those oracle state
+dicts) on up to 128 evenly spaced positions of each of their margin files, and refuses, writing nothing, unless
+every margin satisfies ``|ours - hub| <= 0.25 + 0.05·|hub|``. The size of that bound: the hub's margins come from
+bf16 autocast inference on GPU (logits cast to float32 before the margin), ours from float32 on the CPU. bf16 keeps
+8 significant bits (a relative rounding error of at most 2^-8 ≈ 0.4%), a ResNet-9 forward rounds about 20 times
+(8 convolutions and their BatchNorms, 2 residual sums, the head and its ×0.2), so its logits are off by about 1%
+rms and a few % in the tail; a margin moves by at most twice the largest logit change, and logits are at most
+about |margin| plus a few in size: ≈ 0.05·|m|, with 0.25 for margins near 0. A layout error moves margins by the
+spread between samples or between models: several units for trained CIFAR-10 ResNet-9s, at most of the compared
+positions, far past the bound. The bound is derived, not measured on the published files: ``easydub.json``
+records each file's largest ``|diff| / bound`` (``margin_check``), the headroom. Without images the check is not
+done and a note says so; a rerun with images (or a run) does it before reusing the units.
 
 Units come in blocks of ``block_size`` models, with ids derived from what they hold (``import_unit_id``), so a
 run's plan names exactly the units an import wrote, and an import rerun skips them.
 
 Epochs: hub files are 0-based epoch 23; raybench stores the number of epochs trained, 24 (``STORED_EPOCH``), as
 its own train units do. Seeds: hub models were not seeded by raybench; their ``seed`` column is -1 and
-``model_id`` is the hub id. The import reads no images, so ``dataset.json`` has ``fingerprint: null``.
+``model_id`` is the hub id. The import stores no images, so ``dataset.json`` has ``fingerprint: null`` until a run
+that unlearns records its own (``record_images``).
 """
 
 from __future__ import annotations
@@ -53,6 +74,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raybench.data import Dataset
 from raybench.data.forget_sets import validate_indices
 from raybench.ids import digest
 from raybench.models import StackedModel
@@ -71,6 +93,11 @@ DEFAULT_BLOCK_SIZE = 50
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 FORGET_ID = re.compile(r"[1-9]\d*")  # EasyDUB names its forget sets 1, 2, …
 _MODEL_ID = re.compile(r"id_(\d+)_epoch_\d+")
+MARGIN_CHECK_MODELS = 2  # pretrain models and scoring oracles (per forget set) whose margins are recomputed
+MARGIN_CHECK_SAMPLES = 128  # margins compared per hub file, at evenly spaced positions
+MARGIN_ATOL, MARGIN_RTOL = 0.25, 0.05  # |ours - hub| <= ATOL + RTOL·|hub|: bf16 rounding (module docstring)
+NOT_CHECKED = ("margin cross-check not done: no images to recompute the published checkpoints' margins on "
+               "(import-easydub --data-root); method rows start from checkpoints not compared with the hub's margins")
 
 
 class EasyDubError(ValueError):
@@ -103,11 +130,67 @@ def checkpoint_file(model_id: int, forget_set: str | None = None) -> str:
     return f"models/cifar10/{role}/resnet9/{_file(model_id, 'pt')}"
 
 
+@dataclass(frozen=True)
+class OracleAllocation:
+    """Which hub oracle ids of every forget set an import uses for what. The three ranges never overlap: a
+    model that scores KLOM, one that oracle matching fine-tunes against and one that stands in for an unlearned
+    model in the noise floor must be different models, or a row is judged by its own models."""
+
+    scoring: range  # 0..K-1: the oracles every row is scored against
+    matching: range  # K..K+k-1: oracle matching's targets
+    floor: range  # K+k..K+k+N-1: the "unlearned" models of ``oracle_floor``
+
+    @property
+    def stop(self) -> int:
+        """One past the highest hub id used: oracles ``0..stop-1`` are read."""
+        return self.floor.stop
+
+
+def allocate_oracles(n_models: int, *, n_oracles: int | None = None,
+                     matching_oracles: int | Callable[[int], int] = 0,
+                     oracle_floor: bool = False) -> OracleAllocation:
+    """The hub oracle ids of an import (``import_easydub``) or an EasyDUB run (the plan's matching oracles):
+    scoring oracles first, then the matching oracles, then the floor, each range after the last.
+
+    ``matching_oracles`` may be a function of the number of originals (oracle matching with ``per_model``
+    pairing needs one per original). When the 200 published oracles cannot hold all three ranges, an
+    ``EasyDubError`` says the largest ``n_models`` that fits (``n_oracles``, when given, held fixed)."""
+    def sizes(n: int) -> tuple[int, int, int]:
+        k = matching_oracles(n) if callable(matching_oracles) else matching_oracles
+        return (n if n_oracles is None else n_oracles), k, (n if oracle_floor else 0)
+
+    scoring, matching, floor = sizes(n_models)
+    if n_models > HUB_N_MODELS:
+        raise EasyDubError(f"n_models = {n_models}: EasyDUB publishes {HUB_N_MODELS} pretrain models "
+                           f"(hub ids 0..{HUB_N_MODELS - 1})")
+    if scoring + matching + floor > HUB_N_MODELS:
+        parts = [f"{scoring} scoring oracles (hub ids 0..{scoring - 1})"]
+        if matching:
+            parts.append(f"{matching} matching oracles ({scoring}..{scoring + matching - 1})")
+        if floor:
+            parts.append(f"{floor} oracle-floor oracles ({scoring + matching}..{scoring + matching + floor - 1})")
+        fits = next((n for n in range(n_models - 1, 1, -1) if sum(sizes(n)) <= HUB_N_MODELS), None)
+        hint = f"n_models <= {fits} fits" if fits else "no n_models fits; lower n_oracles or the matching oracles"
+        raise EasyDubError(f"{' + '.join(parts)} need {scoring + matching + floor} oracles per forget set, and "
+                           f"EasyDUB publishes {HUB_N_MODELS} oracles per forget set: {hint}")
+    return OracleAllocation(range(0, scoring), range(scoring, scoring + matching),
+                            range(scoring + matching, scoring + matching + floor))
+
+
+def check_checkpoints(forget_sets: Sequence[str], allocation: OracleAllocation) -> list[str]:
+    """Hub state dicts whose margins the margin cross-check recomputes (``check_margins``): pretrain models
+    ``0, 1`` and scoring oracles ``0, 1`` of every forget set."""
+    files = [checkpoint_file(i) for i in range(MARGIN_CHECK_MODELS)]
+    return files + [checkpoint_file(i, fs) for fs in forget_sets for i in allocation.scoring[:MARGIN_CHECK_MODELS]]
+
+
 def needed_files(forget_sets: Sequence[str], n_models: int, *, n_oracles: int | None = None,
-                 oracle_floor: bool = False, matching_oracles: int = 0, checkpoints: bool = False) -> list[str]:
-    """Every hub file ``import_easydub`` reads, and nothing else (the ``allow_patterns`` of a download)."""
-    n_oracles = n_models if n_oracles is None else n_oracles
-    n_extra = max(n_models if oracle_floor else 0, matching_oracles)  # oracles beyond the scoring ones
+                 oracle_floor: bool = False, matching_oracles: int = 0, checkpoints: bool = False,
+                 margin_check: bool = False) -> list[str]:
+    """Every hub file ``import_easydub`` reads, and nothing else (the ``allow_patterns`` of a download);
+    ``margin_check`` adds the oracle state dicts the margin cross-check needs."""
+    allocation = allocate_oracles(n_models, n_oracles=n_oracles, matching_oracles=matching_oracles,
+                                  oracle_floor=oracle_floor)
     files = [pretrain_margins_path(split, i) for split in ("retain", "val") for i in range(n_models)]
     if checkpoints:
         files += [checkpoint_file(i) for i in range(n_models)]
@@ -115,8 +198,10 @@ def needed_files(forget_sets: Sequence[str], n_models: int, *, n_oracles: int | 
         files.append(forget_set_file(fs))
         files += [pretrain_margins_path("forget", i, fs) for i in range(n_models)]
         files += [oracle_margins_path(fs, split, i) for split in ("retain", "forget", "val")
-                  for i in range(n_oracles + n_extra)]
-        files += [checkpoint_file(i, fs) for i in range(n_oracles, n_oracles + matching_oracles)]
+                  for i in range(allocation.stop)]
+        files += [checkpoint_file(i, fs) for i in allocation.matching]
+    if margin_check:
+        files += [f for f in check_checkpoints(forget_sets, allocation) if f not in files]
     return files
 
 
@@ -259,38 +344,53 @@ class ImportReport:
 def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int, out: str, *,
                    n_oracles: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, oracle_floor: bool = False,
                    matching_oracles: int = 0, checkpoints: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   expect_sizes: tuple[int, int] | None = None, cache_dir: str | Path | None = None
-                   ) -> ImportReport:
+                   expect_sizes: tuple[int, int] | None = None, images: Dataset | None = None,
+                   cache_dir: str | Path | None = None) -> ImportReport:
     """Write EasyDUB's margins of pretrain models ``0..n_models-1`` (originals) and oracles ``0..n_oracles-1``
     of each forget set into the run folder ``out`` (a path or pyarrow URI); see the module docstring for the
-    mapping and for ``oracle_floor``, ``matching_oracles`` and ``checkpoints``. Needs no Ray.
+    mapping, for ``oracle_floor``, ``matching_oracles`` and ``checkpoints``, and for which hub oracles each takes
+    (``allocate_oracles``). Needs no Ray.
 
     ``source`` is a local folder in the hub layout or a hub repo id (only the needed files are downloaded, into
     ``cache_dir`` or the Hugging Face cache). ``n_oracles`` defaults to ``n_models``. ``expect_sizes`` =
-    (train, val) samples the margins must cover (the images a run unlearns with). Rerunning with more forget
-    sets adds them; finished units are kept. A rerun that finds every unit committed reads nothing from
+    (train, val) samples the margins must cover (the images a run unlearns with; ``images``' sizes by default).
+    ``images``: the CIFAR-10 the checkpoints are used on; with ``checkpoints`` the import first recomputes some
+    published models' margins on them and refuses to go on if they differ from the hub's (``check_margins``);
+    without images that check is not done, which a note says. Rerunning with more forget sets adds them;
+    finished units are kept. A rerun that finds every unit committed (and checked) reads nothing from
     ``source``, so a resumed run needs neither the hub folder nor the network.
     """
     forget_sets = [str(fs).strip() for fs in forget_sets]
     bad = [fs for fs in forget_sets if not FORGET_ID.fullmatch(fs)]
     if not forget_sets or bad or len(set(forget_sets)) != len(forget_sets):
         raise EasyDubError(f"forget sets must be distinct positive integers like 2,5 (EasyDUB ids), got {forget_sets}")
-    n_oracles = n_models if n_oracles is None else n_oracles
     for name, value, low in (("n_models", n_models, 2), ("n_oracles", n_oracles, 2), ("block_size", block_size, 1),
                              ("chunk_size", chunk_size, 1), ("matching_oracles", matching_oracles, 0)):
+        if name == "n_oracles" and value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             why = " (KLOM compares distributions)" if low == 2 else ""
             raise EasyDubError(f"{name} must be an integer >= {low}{why}, got {value!r}")
+    allocation = allocate_oracles(n_models, n_oracles=n_oracles, matching_oracles=matching_oracles,
+                                  oracle_floor=oracle_floor)  # n_oracles None: the fitting N says K = N too
+    n_oracles = n_models if n_oracles is None else n_oracles
+    if images is not None and expect_sizes is None:
+        expect_sizes = (images.n_train, images.n_val)
+    check = images if checkpoints else None  # method rows start from checkpoints: their margins must be the hub's
 
     store = RunStore(out)
     identity = run_identity(n_models, block_size, chunk_size, n_oracles)
-    units = _import_units(forget_sets, n_models, n_oracles, block_size, matching_oracles, oracle_floor, checkpoints)
-    finished = _already_imported(store, identity, units, forget_sets, source, expect_sizes)
+    units = _import_units(forget_sets, n_models, allocation, block_size, checkpoints)
+    if store.exists(store.path("run.json")):
+        store.open_run(identity)  # refuses another run's folder before reading what it holds
+        _check_against_store(store, allocation, forget_sets)
+    finished = _already_imported(store, identity, units, forget_sets, source, expect_sizes,
+                                 None if check is None else _checked_by(check, forget_sets, allocation))
     if finished is not None:  # a resumed run: needs neither the source nor the network
         return finished
 
     files = needed_files(forget_sets, n_models, n_oracles=n_oracles, oracle_floor=oracle_floor,
-                         matching_oracles=matching_oracles, checkpoints=checkpoints)
+                         matching_oracles=matching_oracles, checkpoints=checkpoints, margin_check=check is not None)
     root = hub_folder(source, files, cache_dir=cache_dir)
     reader = _Reader(root)
     n_train = len(reader.vector(pretrain_margins_path("retain", 0)))
@@ -304,6 +404,10 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
         except (OSError, ValueError) as err:
             raise EasyDubError(f"{what}: not a plain .npy array ({err})") from err
         indices[fs] = validate_indices(raw, n_train, source=what)
+    # before anything is written: a checkpoint that does not reproduce its margins must not be unlearned from
+    margin_check = check_margins(root, check, indices, allocation) if check is not None else None
+    if checkpoints and check is None and not _recorded_check_covers(store, forget_sets, allocation):
+        reader.notes.append(NOT_CHECKED)
 
     run_id = store.open_run(identity)
     _record_dataset(store, n_train, n_val)
@@ -332,7 +436,7 @@ def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int
     if not [i for i in store.fs.get_file_info(pafs.FileSelector(staging, recursive=True, allow_not_found=True))
             if i.type == pafs.FileType.File]:
         store.remove_dir(staging)
-    record = _update_record(store, source, root, checks, reader, indices)
+    record = _update_record(store, source, root, checks, reader, indices, margin_check)
     return ImportReport(run_id, store.uri, str(source), n_train, n_val, writer.written, writer.skipped, indices,
                         record["notes"])
 
@@ -341,24 +445,71 @@ ImportUnit = tuple[str, str, str, tuple[int, ...], bool]
 """(role, forget set, method, hub model ids, with a checkpoint) of one unit an import writes."""
 
 
-def _import_units(forget_sets: Sequence[str], n_models: int, n_oracles: int, block_size: int, matching_oracles: int,
-                  oracle_floor: bool, checkpoints: bool) -> list[ImportUnit]:
-    """Every unit an import writes, in writing order (the module docstring says which hub models each holds)."""
+def _import_units(forget_sets: Sequence[str], n_models: int, allocation: OracleAllocation, block_size: int,
+                  checkpoints: bool) -> list[ImportUnit]:
+    """Every unit an import writes, in writing order (``allocation`` says which hub oracles each holds)."""
+    def blocks(ids: range) -> list[tuple[int, ...]]:
+        return id_blocks(ids.start, len(ids), block_size)
+
     units = [("original", "none", "none", ids, checkpoints) for ids in id_blocks(0, n_models, block_size)]
     for fs in forget_sets:
-        units += [("oracle", fs, "none", ids, False) for ids in id_blocks(0, n_oracles, block_size)]
-        units += [("matching_oracle", fs, "none", ids, True)
-                  for ids in id_blocks(n_oracles, matching_oracles, block_size)]
-        if oracle_floor:
-            units += [("unlearned", fs, FLOOR_METHOD, ids, False)
-                      for ids in id_blocks(n_oracles, n_models, block_size)]
+        units += [("oracle", fs, "none", ids, False) for ids in blocks(allocation.scoring)]
+        units += [("matching_oracle", fs, "none", ids, True) for ids in blocks(allocation.matching)]
+        units += [("unlearned", fs, FLOOR_METHOD, ids, False) for ids in blocks(allocation.floor)]
     return units
 
 
+def _span(ids: Iterable[int]) -> str:
+    ids = sorted(ids)
+    return f"{ids[0]}..{ids[-1]}" if len(ids) > 1 and ids[-1] - ids[0] == len(ids) - 1 else ", ".join(map(str, ids))
+
+
+def _check_against_store(store: RunStore, allocation: OracleAllocation, forget_sets: Sequence[str]) -> None:
+    """Refuse an import whose matching oracles and oracle floor would share hub oracles with those an earlier
+    import committed to this folder, or whose floor would sit on other oracles than the folder's floor (reduce
+    would pool the two): ``allocate_oracles`` keeps them apart within one import only."""
+    held: dict[tuple[str, str], set[int]] = {}
+    for unit in store.completed_units().values():
+        meta = unit.meta
+        if meta.get("kind") != "import" or meta.get("forget_set") not in forget_sets:
+            continue
+        kind = "matching" if meta["role"] == "matching_oracle" else "floor" if meta["method"] == FLOOR_METHOD else None
+        if kind:
+            held.setdefault((meta["forget_set"], kind), set()).update(int(i) for i in meta["model_ids"])
+    for fs in forget_sets:
+        old_floor, new_floor = held.get((fs, "floor"), set()), set(allocation.floor)
+        if old_floor and new_floor and old_floor != new_floor:
+            raise EasyDubError(f"forget set {fs} in {store.uri} has its oracle floor on hub oracles {_span(old_floor)};"
+                               f" this import's floor would be {_span(new_floor)} (another number of matching "
+                               "oracles); use a new --out folder")
+        matching = held.get((fs, "matching"), set()) | set(allocation.matching)
+        shared = matching & (old_floor | new_floor)
+        if shared:
+            raise EasyDubError(
+                f"forget set {fs} in {store.uri}: oracle matching's matching oracles and the oracle floor would share "
+                f"hub oracles {_span(shared)}, so the floor would be judged by the models oracle matching copies; "
+                f"import the floor after every matching oracle (import-easydub --matching-oracles "
+                f"{max(matching) + 1 - allocation.scoring.stop} --oracle-floor) into a new --out folder")
+
+
+def _checked_by(images: Dataset, forget_sets: Sequence[str], allocation: OracleAllocation) -> dict:
+    """What ``easydub.json`` must show for the margin cross-check to count as done on ``images``."""
+    return {"fingerprint": images.fingerprint(), "checkpoints": check_checkpoints(forget_sets, allocation)}
+
+
+def _recorded_check_covers(store: RunStore, forget_sets: Sequence[str], allocation: OracleAllocation) -> bool:
+    """Whether an earlier import into ``store`` passed the margin cross-check for these forget sets."""
+    path = store.path("easydub.json")
+    done = store.read_json(path).get("margin_check", {}) if store.exists(path) else {}
+    return set(check_checkpoints(forget_sets, allocation)) <= set(done.get("checkpoints", []))
+
+
 def _already_imported(store: RunStore, identity: dict, units: list[ImportUnit], forget_sets: Sequence[str],
-                      source: str | Path, expect_sizes: tuple[int, int] | None) -> ImportReport | None:
-    """The report of an import whose every unit (and checkpoint) is already committed in ``store``, read from the
-    store alone; None if anything is missing."""
+                      source: str | Path, expect_sizes: tuple[int, int] | None,
+                      checked: dict | None) -> ImportReport | None:
+    """The report of an import whose every unit (and checkpoint) is already committed in ``store``, and whose
+    margin cross-check (``checked``: images and checkpoints, or None if none is due) is recorded as passed, read
+    from the store alone; None if anything is missing."""
     if not store.exists(store.path("run.json")):
         return None
     run_id = store.open_run(identity)  # refuses a folder of another run
@@ -368,11 +519,17 @@ def _already_imported(store: RunStore, identity: dict, units: list[ImportUnit], 
             return None
     if not all(store.exists(store.forget_set_path(fs)) for fs in forget_sets):
         return None
+    record = store.read_json(store.path("easydub.json"))
+    if checked is not None:
+        done = record.get("margin_check", {})
+        if done.get("fingerprint") != checked["fingerprint"] or not set(checked["checkpoints"]) <= set(done.get(
+                "checkpoints", {})):
+            return None
     dataset = store.read_json(store.path("dataset.json"))
     _check_sizes(dataset["n_train"], dataset["n_val"], expect_sizes)
     indices = {fs: store.read_forget_set(fs) for fs in forget_sets}
-    notes = store.read_json(store.path("easydub.json")).get("notes", [])
-    return ImportReport(run_id, store.uri, str(source), dataset["n_train"], dataset["n_val"], [], ids, indices, notes)
+    return ImportReport(run_id, store.uri, str(source), dataset["n_train"], dataset["n_val"], [], ids, indices,
+                        record.get("notes", []))
 
 
 def _check_sizes(n_train: int, n_val: int, expect_sizes: tuple[int, int] | None) -> None:
@@ -404,6 +561,81 @@ def _check_pretrain_forget(reader: _Reader, fs: str, ids: list[int], idx: np.nda
         log.warning(message)
         reader.notes.append(message)
     return result
+
+
+def _positions(n: int) -> np.ndarray:
+    """``MARGIN_CHECK_SAMPLES`` evenly spaced positions of a file of ``n`` margins (all of a shorter one): a
+    wrong sample order or a file of another model shows anywhere, and the ends are where an offset shows."""
+    return np.unique(np.linspace(0, n - 1, min(n, MARGIN_CHECK_SAMPLES)).round().astype(np.int64))
+
+
+def check_margins(root: Path, images: Dataset, indices: dict[str, np.ndarray],
+                  allocation: OracleAllocation) -> dict:
+    """Recompute the margins of pretrain models 0, 1 and scoring oracles 0, 1 of every forget set from their
+    published state dicts on ``images`` and compare them with the hub's margin files, at up to
+    ``MARGIN_CHECK_SAMPLES`` positions per file.
+
+    Method rows use margins raybench computes from the published checkpoints, the do-nothing row and the oracles
+    use the hub's files: a wrong checkpoint format, key layout, normalisation or sample order would shift every
+    method row against its baseline, and this is where it shows. Margins are recomputed as a run does
+    (``load_easydub_checkpoints``, ``training.compute_margins``); each must be within
+    ``MARGIN_ATOL + MARGIN_RTOL·|hub margin|`` of the hub's, which the hub's bf16 inference stays within (module
+    docstring). Raises ``EasyDubError`` naming the files that are not; returns what was compared."""
+    import torch
+
+    from raybench.training import compute_margins
+
+    everything = {"train": np.arange(images.n_train), "val": np.arange(images.n_val)}
+    arrays = {"train": (images.x_train, images.y_train), "val": (images.x_val, images.y_val)}
+    models: dict[str, list[tuple[str, str, np.ndarray]]] = {}  # checkpoint -> (margin file, split, ids in file order)
+    for i in range(MARGIN_CHECK_MODELS):
+        models[checkpoint_file(i)] = [(pretrain_margins_path("retain", i), "train", everything["train"]),
+                                      (pretrain_margins_path("val", i), "val", everything["val"]),
+                                      *((pretrain_margins_path("forget", i, fs), "train", idx)
+                                        for fs, idx in indices.items())]
+    for fs, idx in indices.items():
+        retain = np.setdiff1d(everything["train"], idx)  # ascending, as the hub's oracle retain files
+        for i in allocation.scoring[:MARGIN_CHECK_MODELS]:
+            models[checkpoint_file(i, fs)] = [(oracle_margins_path(fs, "retain", i), "train", retain),
+                                              (oracle_margins_path(fs, "forget", i), "train", idx),
+                                              (oracle_margins_path(fs, "val", i), "val", everything["val"])]
+    compared, bad = {}, []
+    for ckpt, files in models.items():
+        stack = load_easydub_checkpoints([root / ckpt])
+        wanted = {split: np.unique(np.concatenate([ids[_positions(len(ids))] for _, s, ids in files if s == split]))
+                  for split in ("train", "val")}
+        ours = {}
+        for split, sample_ids in wanted.items():
+            x, y = arrays[split]
+            row = compute_margins(stack, torch.from_numpy(x[sample_ids]), torch.from_numpy(y[sample_ids]))[0]
+            ours[split] = dict(zip(sample_ids.tolist(), row.astype(np.float64), strict=True))
+        for rel, split, ids in files:
+            hub = np.load(root / rel, allow_pickle=False)
+            if hub.shape != ids.shape:
+                raise EasyDubError(f"{rel}: {hub.shape} margins, expected ({len(ids)},)")
+            pos = _positions(len(ids))
+            mine = np.array([ours[split][i] for i in ids[pos].tolist()])
+            theirs = hub[pos].astype(np.float64)
+            diff = np.abs(mine - theirs)
+            over = diff / (MARGIN_ATOL + MARGIN_RTOL * np.abs(theirs))
+            over[np.isnan(over)] = np.inf
+            compared[rel] = {"checkpoint": ckpt, "n_compared": len(pos), "max_abs_diff": float(np.nanmax(diff)),
+                             "max_diff_over_tolerance": float(over.max())}
+            if over.max() > 1:
+                bad.append(f"{rel} vs {ckpt}: {int((over > 1).sum())} of {len(pos)} margins differ (max |diff| "
+                           f"{np.nanmax(diff):.3g})")
+    if bad:
+        raise EasyDubError(
+            f"the published checkpoints do not reproduce the hub's margins on these images beyond |diff| <= "
+            f"{MARGIN_ATOL} + {MARGIN_RTOL}·|margin| (bf16 rounding): {'; '.join(bad[:3])}"
+            f"{f'; and {len(bad) - 3} more files' if len(bad) > 3 else ''}. Method rows would be computed from "
+            "other models, or other samples, than their do-nothing baseline and the oracles (wrong checkpoint "
+            "format, key layout, images or sample order): nothing was imported")
+    worst = max(compared.values(), key=lambda c: c["max_diff_over_tolerance"])
+    log.info("margin cross-check: %d checkpoints reproduce %d hub files (worst %.2f of the tolerance)", len(models),
+             len(compared), worst["max_diff_over_tolerance"])
+    return {"fingerprint": images.fingerprint(), "tolerance": {"atol": MARGIN_ATOL, "rtol": MARGIN_RTOL},
+            "samples_per_file": MARGIN_CHECK_SAMPLES, "checkpoints": sorted(models), "files": compared}
 
 
 class _UnitWriter:
@@ -484,7 +716,7 @@ def _record_forget_set(store: RunStore, fs: str, idx: np.ndarray) -> None:
 
 
 def _update_record(store: RunStore, source: str | Path, root: Path, checks: dict, reader: _Reader,
-                   indices: dict[str, np.ndarray]) -> dict:
+                   indices: dict[str, np.ndarray], margin_check: dict | None) -> dict:
     """``easydub.json``: where the margins came from and what the import noticed (merged over reruns)."""
     path = store.path("easydub.json")
     record = store.read_json(path) if store.exists(path) else {"forget_sets": {}, "notes": []}
@@ -492,7 +724,16 @@ def _update_record(store: RunStore, source: str | Path, root: Path, checks: dict
                    "stored_epoch": STORED_EPOCH, "file_dtypes": sorted(reader.dtypes)})
     for fs, check in checks.items():
         record["forget_sets"][fs] = {"size": len(indices[fs]), "pretrain_forget_vs_train": check}
-    record["notes"] = sorted(set(record["notes"]) | set(reader.notes))
+    notes = set(record["notes"]) | set(reader.notes)
+    if margin_check is not None:
+        previous = record.get("margin_check", {})
+        if previous.get("fingerprint") == margin_check["fingerprint"]:  # same images: add the new forget sets
+            margin_check = {**margin_check, "checkpoints": sorted(set(previous["checkpoints"]) |
+                                                                  set(margin_check["checkpoints"])),
+                            "files": {**previous["files"], **margin_check["files"]}}
+        record["margin_check"] = margin_check
+        notes.discard(NOT_CHECKED)
+    record["notes"] = sorted(notes)
     store.write_json(path, record)
     return record
 

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ import numpy as np
 
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, load_dataset
-from raybench.easydub import HUB_N_MODELS, EasyDubError, import_easydub, record_images
+from raybench.easydub import EasyDubError, allocate_oracles, import_easydub, record_images
 from raybench.plan import Plan, Unit, make_plan, matching_oracle_count, plan_method_runs
 from raybench.store import RunStore, StoreError
 from raybench.units import UnitContext, run_unit
@@ -192,20 +193,20 @@ def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str
 def import_published(config: RunConfig, dataset: Dataset, store: RunStore) -> dict[str, ForgetSet]:
     """An EasyDUB run's first step, on the driver (``raybench.easydub``): import the published originals (with
     checkpoints unless do_nothing is the only method), the scoring oracles and the matching oracles oracle
-    matching needs; return the forget sets, read from the hub files. Finished imports are skipped, so this is
-    cheap on a rerun."""
+    matching needs; return the forget sets, read from the hub files. With checkpoints, the import first checks
+    on ``dataset``'s images that the published state dicts reproduce the hub's margins. Finished imports are
+    skipped, so this is cheap on a rerun."""
     method_runs = plan_method_runs(config)
     n_matching = matching_oracle_count(config, method_runs)
-    if config.n_models + n_matching > HUB_N_MODELS:
-        raise ConfigError(f"oracle matching needs {n_matching} matching oracles beside the {config.n_models} that "
-                          f"score KLOM, and EasyDUB has {HUB_N_MODELS} oracles per forget set: lower n_models (with "
-                          "pairing = \"per_model\") or num_oracles (pairing = \"mean\")")
     try:
+        # the capacity check, with the n_models that fits when oracle matching's count grows with n_models
+        allocate_oracles(config.n_models, matching_oracles=lambda n: matching_oracle_count(
+            dataclasses.replace(config, n_models=n), method_runs))
         report = import_easydub(config.easydub_source, config.forget_sets, config.n_models, store.uri,
                                 block_size=config.block_size, chunk_size=config.chunk_size,
                                 matching_oracles=n_matching,
                                 checkpoints=any(r.method.fn is not None for r in method_runs),  # do_nothing: none
-                                expect_sizes=(dataset.n_train, dataset.n_val))
+                                images=dataset)
         record_images(store, dataset.fingerprint())
     except EasyDubError as err:
         raise ConfigError(str(err)) from err

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, resolve_forget_set
-from raybench.easydub import NO_SEED, id_blocks, import_unit_id
+from raybench.easydub import NO_SEED, EasyDubError, allocate_oracles, id_blocks, import_unit_id
 from raybench.ids import digest, ensemble_seeds, model_seed
 from raybench.methods import Method, expand_grid, params_json, resolve_methods, snapshot_epochs
 
@@ -86,8 +86,12 @@ def matching_oracle_count(config: RunConfig, method_runs: list[MethodRun]) -> in
 
 def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, count: int, identity: dict) -> list[Unit]:
     """Train units for the oracles that oracle-matching methods fine-tune against (disjoint seeds)."""
-    if config.easydub_source:  # published oracles beyond the scoring ones (hub ids n_models..)
-        return _imported(identity, "matching_oracle", fs_id, config.n_models, count, config.block_size)
+    if config.easydub_source:  # published oracles beyond the scoring ones, where the import put them
+        try:
+            ids = allocate_oracles(config.n_models, matching_oracles=count).matching
+        except EasyDubError as err:
+            raise ConfigError(str(err)) from err
+        return _imported(identity, "matching_oracle", fs_id, ids.start, len(ids), config.block_size)
     units = []
     all_seeds = ensemble_seeds(config.seed, "matching_oracle", fs_id, n=count)
     for ids in id_blocks(0, count, config.block_size):

@@ -22,14 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_BATCH, N_TEST = 20, 30
 
 
-def write_cifar_folder(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def write_cifar_folder(root: Path, seed: int = 0, *, per_batch: int = PER_BATCH,
+                       n_test: int = N_TEST) -> dict[str, np.ndarray]:
     """``cifar-10-batches-py/`` as the real archive unpacks it: five train batches, a test batch and the label
     names, each a pickled dict with uint8 rows of 3072 = 3×32×32 (channel-major) and a label list."""
     folder = root / BASE_FOLDER
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     arrays = {}
-    for name, n in [*((f"data_batch_{i}", PER_BATCH) for i in range(1, 6)), ("test_batch", N_TEST)]:
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, n).tolist()
         with open(folder / name, "wb") as f:
@@ -38,7 +39,7 @@ def write_cifar_folder(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
         arrays[name] = (data, np.array(labels))
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                     "ship", "truck"], "num_cases_per_batch": PER_BATCH, "num_vis": 3072}, f)
+                                     "ship", "truck"], "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
     return arrays
 
 

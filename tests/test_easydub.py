@@ -1,8 +1,9 @@
 """EasyDUB import: published margins in, ``raybench reduce`` out, equal to what EasyDUB's own evaluation prints.
 
-The hub folder is built here in the exact layout of ``easydub/EasyDUB-dataset`` (METHODS.md §5.2), with random
-margins on a tiny "CIFAR" (300 train / 50 val), so nothing is downloaded. The expected numbers are computed by
-restating EasyDUB's ``eval_pretrain.py`` directly on those files with the reference KLOM loop.
+The hub folder is built in the layout of ``easydub/EasyDUB-dataset`` by ``easydub_hub`` (its margins are real
+ResNet-9s' on a tiny CIFAR-10 of 50 train / 16 test images, computed there without raybench), so nothing is
+downloaded. The expected numbers are computed by restating EasyDUB's ``eval_pretrain.py`` directly on those
+files with the reference KLOM loop.
 """
 
 from __future__ import annotations
@@ -16,144 +17,56 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from easydub_hub import (
+    assert_rows_match,
+    build_hub,
+    easydub_eval,
+    fork_hub,
+    hub_model,
+    load,
+    oracle_floor_eval,
+    replace,
+    save_checkpoint,
+)
 from klom_reference import reference_klom
+from test_cifar10 import write_cifar_folder
 
 from raybench.cli import main
-from raybench.easydub import EasyDubError, checkpoint_paths, import_easydub, load_easydub_checkpoints
-from raybench.models.resnet9 import resnet9
+from raybench.easydub import (
+    EasyDubError,
+    OracleAllocation,
+    allocate_oracles,
+    checkpoint_paths,
+    import_easydub,
+    load_easydub_checkpoints,
+)
 from raybench.reduce import reduce_run
 from raybench.store import RunStore
 
-N_TRAIN, N_VAL, N_HUB, N = 300, 50, 8, 4
-FORGET = {"2": np.sort(np.random.default_rng(2).choice(N_TRAIN, 20, replace=False)),
-          "10": np.random.default_rng(10).choice(N_TRAIN, 15, replace=False)}  # unsorted, like the real set 10
-CHUNK = 128  # train spans 3 chunks, the last one partial
-
-
-def save(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, arr)
-
-
-def margins(rng: np.random.Generator, center: np.ndarray, n: int) -> np.ndarray:
-    """Ensemble-like margins: per-sample centre plus noise, some saturated beyond ±100 and some exact ties."""
-    out = (center + rng.normal(0, 1.5, (n, len(center)))).astype(np.float32)
-    out[:, :3] = 120.0  # clipped to 100 and tied: the top-edge drop of the reference
-    out[:, 3] = np.float32(2.5)  # all equal: lo == hi
-    return out
-
-
-def build_hub(root: Path, seed: int = 0, *, n_train: int = N_TRAIN, n_val: int = N_VAL, n_hub: int = N_HUB,
-              forget: dict[str, np.ndarray] | None = None, checkpoints: bool = False) -> Path:
-    """``models/``, ``margins/`` and ``forget_sets/`` exactly as the hub lays them out, for ``n_hub`` models.
-
-    ``checkpoints``: real ResNet-9 state dicts under the published key names (else placeholder bytes, which the
-    margin import must never open)."""
-    rng = np.random.default_rng(seed)
-    forget = {**FORGET, "3": np.arange(40)} if forget is None else forget
-    center_train, center_val = rng.normal(4, 3, n_train), rng.normal(2, 3, n_val)
-    pre_train, pre_val = margins(rng, center_train, n_hub), margins(rng, center_val, n_hub)
-    m = root / "margins" / "cifar10"
-    for x in range(n_hub):
-        name = f"id_{x}_epoch_23.npy"
-        save(m / "pretrain" / "retain" / "resnet9" / name, pre_train[x])
-        save(m / "pretrain" / "val" / "resnet9" / name, pre_val[x])
-        save_checkpoint(root / "models" / "cifar10" / "pretrain" / "resnet9" / f"id_{x}_epoch_23.pt", x, checkpoints)
-        save(root / "logits" / "cifar10" / "pretrain" / "val" / "resnet9" / name, rng.normal(size=(n_val, 10)))
-    for fs, idx in forget.items():
-        save(root / "forget_sets" / "cifar10" / f"forget_set_{fs}.npy", idx.astype(np.int64))
-        retain = np.setdiff1d(np.arange(n_train), idx)  # ascending, as the hub's retain files are ordered
-        shifted = center_train.copy()
-        shifted[idx] -= 6.0  # oracles never saw F: lower margins there
-        oracle_train, oracle_val = margins(rng, shifted, n_hub), margins(rng, center_val, n_hub)
-        for x in range(n_hub):
-            name = f"id_{x}_epoch_23.npy"
-            save(m / "pretrain" / f"forget_{fs}" / "resnet9" / name, pre_train[x, idx])
-            save(m / "oracle" / f"forget_{fs}" / "retain" / "resnet9" / name, oracle_train[x, retain])
-            save(m / "oracle" / f"forget_{fs}" / "forget" / "resnet9" / name, oracle_train[x, idx])
-            save(m / "oracle" / f"forget_{fs}" / "val" / "resnet9" / name, oracle_val[x])
-            save_checkpoint(root / "models" / "cifar10" / "oracle" / f"forget_{fs}" / "resnet9" /
-                            f"id_{x}_epoch_23.pt", 1000 * int(fs) + x, checkpoints)
-    return root
-
-
-def published_model(seed: int) -> torch.nn.Module:
-    """A ResNet-9 with trained-looking BatchNorm state (so a dropped buffer would show)."""
-    torch.manual_seed(seed)
-    model = resnet9().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(4704)
-    return model
-
-
-def save_checkpoint(path: Path, seed: int, real: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not real:
-        path.write_bytes(b"not needed")
-        return
-    torch.save({"model." + k: v for k, v in published_model(seed).state_dict().items()}, path)
+PER_BATCH, N_TEST = 10, 16  # the tiny CIFAR-10 of the hub's margins (shared with test_easydub_run.py)
+N_TRAIN, N_VAL, N_HUB, N = 5 * PER_BATCH, N_TEST, 6, 3
+FORGET = {"2": np.sort(np.random.default_rng(2).choice(N_TRAIN, 10, replace=False)),
+          "10": np.random.default_rng(10).choice(N_TRAIN, 8, replace=False)}  # unsorted, like the real set 10
+CHUNK = 16  # train spans 4 chunks, the last one partial
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Path:
-    return build_hub(tmp_path_factory.mktemp("hub") / "EasyDUB-dataset")
-
-
-def load(hub: Path, rel: str, ids: range) -> np.ndarray:
-    return np.stack([np.load(hub / rel.format(x=x)) for x in ids])
-
-
-def easydub_eval(hub: Path, fs: str, n: int) -> dict[str, np.ndarray]:
-    """EasyDUB's eval_pretrain.py restated: per split, pretrain margins vs oracle margins of models 0..n-1."""
-    forget_idx = np.load(hub / f"forget_sets/cifar10/forget_set_{fs}.npy").astype(np.int64)
-    out = {}
-    for split in ("retain", "forget", "val"):
-        oracle = load(hub, f"margins/cifar10/oracle/forget_{fs}/{split}/resnet9/id_{{x}}_epoch_23.npy", range(n))
-        folder = f"forget_{fs}" if split == "forget" else split
-        pretrain = load(hub, f"margins/cifar10/pretrain/{folder}/resnet9/id_{{x}}_epoch_23.npy", range(n))
-        if split == "retain" and pretrain.shape[1] > oracle.shape[1]:
-            mask = np.ones(pretrain.shape[1], dtype=bool)
-            mask[forget_idx] = False
-            pretrain = pretrain[:, mask]
-        out[split] = reference_klom(pretrain, oracle)  # klom_from_margins(oracle, pretrain): KL(pretrain ‖ oracle)
-    return out
-
-
-def oracle_floor_eval(hub: Path, fs: str, n: int) -> dict[str, np.ndarray]:
-    """Oracles n..2n-1 scored as if they were unlearned models, against oracles 0..n-1."""
-    out = {}
-    for split in ("retain", "forget", "val"):
-        rel = f"margins/cifar10/oracle/forget_{fs}/{split}/resnet9/id_{{x}}_epoch_23.npy"
-        out[split] = reference_klom(load(hub, rel, range(n, 2 * n)), load(hub, rel, range(n)))
-    return out
-
-
-def assert_rows_match(rows: list[dict], fs: str, method: str, expected: dict[str, np.ndarray], n: int = N) -> None:
-    mine = {r["split"]: r for r in rows if r["forget_set"] == fs and r["method"] == method}
-    assert set(mine) == {"retain", "forget", "val"}
-    for split, values in expected.items():
-        row = mine[split]
-        assert row["n_samples"] == len(values) and row["n_models"] == row["n_oracles"] == n
-        assert row["klom_mean"] == pytest.approx(float(np.mean(values)), abs=1e-9)
-        for q in (5, 25, 50, 75, 95, 99):
-            assert row[f"klom_p{q}"] == pytest.approx(float(np.percentile(values, q)), abs=1e-9), (split, q)
-        assert row["klom_p95"] > 0  # not a vacuous comparison
+    arrays = write_cifar_folder(tmp_path_factory.mktemp("cifar") / "data", per_batch=PER_BATCH, n_test=N_TEST)
+    return build_hub(tmp_path_factory.mktemp("hub") / "EasyDUB-dataset", arrays, FORGET, n_hub=N_HUB)
 
 
 def test_import_then_reduce_reproduces_easydubs_evaluation(hub, tmp_path):
     out = str(tmp_path / "run")
     report = import_easydub(hub, ["2", "10"], N, out, oracle_floor=True, chunk_size=CHUNK)
     assert (report.n_train, report.n_val) == (N_TRAIN, N_VAL)
-    assert report.forget_set_sizes == {"2": 20, "10": 15} and len(report.units_written) == 5 and not report.notes
+    assert report.forget_set_sizes == {"2": 10, "10": 8} and len(report.units_written) == 5 and not report.notes
     store = RunStore(out)
     rows = reduce_run(store)
     for fs in ("2", "10"):
-        assert_rows_match(rows, fs, "do_nothing", easydub_eval(hub, fs, N))
-        assert_rows_match(rows, fs, "oracle_floor", oracle_floor_eval(hub, fs, N))
+        assert_rows_match(rows, fs, "do_nothing", easydub_eval(hub, fs, N), N)
+        # no matching oracles: the floor is oracles N..2N-1, right after the scoring ones
+        assert_rows_match(rows, fs, "oracle_floor", oracle_floor_eval(hub, fs, N, first=N), N)
     # EasyDUB publishes margins only: top-1 accuracy is not known, so it is left empty (never P(p_y > 1/2))
     assert all(r["accuracy"] is None and r["oracle_accuracy"] is None for r in rows)
 
@@ -172,9 +85,9 @@ def test_import_then_reduce_reproduces_easydubs_evaluation(hub, tmp_path):
     table = store.read_margins([original], split="train", chunk=2)
     assert table.num_rows == N and set(table.column("epoch").to_pylist()) == {24}
     assert set(table.column("seed").to_pylist()) == {-1}
-    np.testing.assert_array_equal(  # hub model 3, train ids 256..299
-        table.sort_by("model_id").column("margins")[3].values.to_numpy(),
-        np.load(hub / "margins/cifar10/pretrain/retain/resnet9/id_3_epoch_23.npy")[256:])
+    np.testing.assert_array_equal(  # hub model 2, train ids 32..47
+        table.sort_by("model_id").column("margins")[2].values.to_numpy(),
+        np.load(hub / "margins/cifar10/pretrain/retain/resnet9/id_2_epoch_23.npy")[32:48])
     assert sorted(p.name for p in Path(out).iterdir()) == [
         "dataset.json", "easydub.json", "forget_sets", "manifests", "margins", "run.json"]  # no staging left
     checks = store.read_json(store.path("easydub.json"))["forget_sets"]
@@ -189,7 +102,7 @@ def test_rerun_adds_forget_sets_and_keeps_finished_units(hub, tmp_path):
     assert len(second.units_written) == 1
     rows = reduce_run(RunStore(out))
     assert {(r["forget_set"], r["method"]) for r in rows} == {("2", "do_nothing"), ("10", "do_nothing")}
-    assert_rows_match(rows, "10", "do_nothing", easydub_eval(hub, "10", N))
+    assert_rows_match(rows, "10", "do_nothing", easydub_eval(hub, "10", N), N)
     with pytest.raises(ValueError, match="another run"):  # another N is another run: never mixed in one folder
         import_easydub(hub, ["2"], N - 1, out, chunk_size=CHUNK)
 
@@ -224,7 +137,7 @@ def test_hub_repo_source_downloads_only_the_needed_files(hub, tmp_path, monkeypa
     copied = {p.relative_to(tmp_path / "hf-cache" / "snapshot").as_posix()
               for p in (tmp_path / "hf-cache" / "snapshot").rglob("*") if p.is_file()}
     assert copied == expected
-    assert_rows_match(reduce_run(RunStore(out)), "10", "do_nothing", easydub_eval(hub, "10", N))
+    assert_rows_match(reduce_run(RunStore(out)), "10", "do_nothing", easydub_eval(hub, "10", N), N)
 
     def offline(**kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
@@ -234,14 +147,16 @@ def test_hub_repo_source_downloads_only_the_needed_files(hub, tmp_path, monkeypa
         import_easydub("easydub/EasyDUB-dataset", ["2"], N, str(tmp_path / "other"))
 
 
-def test_a_pretrain_forget_file_that_disagrees_is_recorded(tmp_path, caplog):
-    hub = build_hub(tmp_path / "hub", seed=1)
-    path = hub / "margins/cifar10/pretrain/forget_2/resnet9/id_1_epoch_23.npy"
-    np.save(path, np.load(path) + np.float32(0.25))
-    report = import_easydub(hub, ["2"], N, str(tmp_path / "run"), chunk_size=CHUNK)
+def test_a_pretrain_forget_file_that_disagrees_is_recorded(hub, tmp_path, caplog):
+    fork = fork_hub(hub, tmp_path / "hub")
+    path = fork / "margins/cifar10/pretrain/forget_2/resnet9/id_1_epoch_23.npy"
+    shifted = np.load(path) + np.float32(0.25)
+    replace(path, lambda p: np.save(p, shifted))
+    report = import_easydub(fork, ["2"], N, str(tmp_path / "run"), chunk_size=CHUNK)
     assert len(report.notes) == 1 and "differ" in report.notes[0] and "differ" in caplog.text
     check = RunStore(str(tmp_path / "run")).read_json(str(tmp_path / "run" / "easydub.json"))
-    assert check["forget_sets"]["2"]["pretrain_forget_vs_train"]["n_different"] == 20
+    assert check["forget_sets"]["2"]["pretrain_forget_vs_train"]["n_different"] == 10
+    assert import_easydub(hub, ["2"], N, str(tmp_path / "clean"), chunk_size=CHUNK).notes == []  # the hub it forks
 
 
 def test_cli_imports_and_rejects_bad_input_with_exit_2(hub, tmp_path):
@@ -254,16 +169,25 @@ def test_cli_imports_and_rejects_bad_input_with_exit_2(hub, tmp_path):
     reduced = runner.invoke(main, ["reduce", out])
     assert reduced.exit_code == 0 and "do_nothing" in reduced.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert_rows_match(summary["rows"], "2", "do_nothing", easydub_eval(hub, "2", N))
+    assert_rows_match(summary["rows"], "2", "do_nothing", easydub_eval(hub, "2", N), N)
 
     cases = [
         (["--source", str(tmp_path / "nope"), "--forget-sets", "2"], "neither a folder nor a hub repo id"),
-        (["--source", str(hub), "--forget-sets", "2", "--n-models", "9"], "has models 0..7 (8 usable)"),
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "7"], "has models 0..5 (6 usable)"),
         (["--source", str(hub), "--forget-sets", "7"], "forget_set_7.npy"),
         (["--source", str(hub), "--forget-sets", "two"], "positive integers"),
         (["--source", str(hub), "--forget-sets", "2", "--n-models", "1"], ">= 2"),
-        (["--source", str(hub), "--forget-sets", "2", "--n-models", "4", "--oracle-floor", "--out",
-          str(tmp_path / "floor"), "--n-models", "5"], "usable"),  # a floor of 5 needs oracles 5..9
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "4", "--oracle-floor"],
+         "usable"),  # a floor of 4 needs oracles 4..7
+        # 200 published oracles: scoring + matching + floor must fit, and the message says which N does
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "101", "--oracle-floor"], "n_models <= 100 fits"),
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "100", "--matching-oracles", "1",
+          "--oracle-floor"], "n_models <= 99 fits"),
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "60", "--n-oracles", "150", "--oracle-floor"],
+         "n_models <= 50 fits"),
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "3", "--matching-oracles", "199"],
+         "no n_models fits"),
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "201"], "publishes 200 pretrain models"),
         (["--source", str(hub), "--forget-sets", "2", "--n-models", "3", "--out", out], "another run"),
     ]
     for args, message in cases:
@@ -275,11 +199,11 @@ def test_cli_imports_and_rejects_bad_input_with_exit_2(hub, tmp_path):
 
 
 def test_more_oracles_than_models_and_blocks_reduce_to_the_same_numbers(hub, tmp_path):
-    """N originals against K > N oracles, stored in blocks of 3: the reference with K oracles, and one unit
+    """N originals against K > N oracles, stored in blocks of 2: the reference with K oracles, and one unit
     per block (units are what a run resumes by, so blocks must not change a number)."""
     out = str(tmp_path / "run")
-    report = import_easydub(hub, ["2"], N, out, n_oracles=2 * N, block_size=3, chunk_size=CHUNK)
-    assert len(report.units_written) == 2 + 3  # originals 0-2, 3; oracles 0-2, 3-5, 6-7
+    report = import_easydub(hub, ["2"], N, out, n_oracles=2 * N, block_size=2, chunk_size=CHUNK)
+    assert len(report.units_written) == 2 + 3  # originals 0-1, 2; oracles 0-1, 2-3, 4-5
     rows = reduce_run(RunStore(out))
     assert {r["n_oracles"] for r in rows} == {2 * N} and {r["n_models"] for r in rows} == {N}
     forget_idx = FORGET["2"]
@@ -296,15 +220,14 @@ def test_more_oracles_than_models_and_blocks_reduce_to_the_same_numbers(hub, tmp
 
 
 def test_published_checkpoints_load_into_the_stack(tmp_path):
-    """State dicts saved with the published key names (``resnet9()``'s, under the wrappers' prefixes)."""
+    """State dicts of EasyDUB's own module tree (restated in ``easydub_hub``), under the wrappers' prefixes."""
     singles = []
-    for x, prefix in [(3, "model."), (7, "module."), (11, "")]:
-        model = published_model(x)
+    for x in (3, 7, 11):  # prefixes "model.", "module.", none
+        model = hub_model(x)
         singles.append(model)
-        path = tmp_path / "models/cifar10/pretrain/resnet9" / f"id_{x}_epoch_23.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({prefix + k: v for k, v in model.state_dict().items()}, path)
-    assert "9.weight" in torch.load(path, weights_only=True)  # the published names, e.g. 2.module.0.0.weight
+        save_checkpoint(tmp_path / "models/cifar10/pretrain/resnet9" / f"id_{x}_epoch_23.pt", model, x)
+    bare = torch.load(tmp_path / "models/cifar10/pretrain/resnet9/id_11_epoch_23.pt", weights_only=True)
+    assert "9.weight" in bare and "2.module.0.0.weight" in bare  # the published names
     paths = checkpoint_paths(tmp_path, [3, 7, 11])
     stack = load_easydub_checkpoints(paths).eval()
     assert stack.arch == "resnet9" and stack.seeds == (3, 7, 11) and stack.input_shape == (3, 32, 32)
@@ -327,6 +250,22 @@ def test_published_checkpoints_load_into_the_stack(tmp_path):
         checkpoint_paths(tmp_path, [3, 4])
 
 
+def test_oracle_ids_are_allocated_scoring_then_matching_then_floor():
+    assert allocate_oracles(2, matching_oracles=2, oracle_floor=True) == OracleAllocation(
+        range(0, 2), range(2, 4), range(4, 6))
+    assert allocate_oracles(2, n_oracles=3, oracle_floor=True) == OracleAllocation(
+        range(0, 3), range(3, 3), range(3, 5))
+    assert allocate_oracles(100, oracle_floor=True).floor == range(100, 200)  # exactly the 200 published
+    assert allocate_oracles(100, matching_oracles=lambda n: n).matching == range(100, 200)  # per_model pairing
+    with pytest.raises(EasyDubError, match="n_models <= 100 fits"):
+        allocate_oracles(101, matching_oracles=lambda n: n)
+    with pytest.raises(EasyDubError, match="n_models <= 196 fits"):
+        allocate_oracles(197, matching_oracles=4)  # pairing "mean" with 4 oracles: their count stays 4
+    with pytest.raises(EasyDubError, match=r"100 scoring oracles \(hub ids 0..99\) \+ 1 matching oracles "
+                                           r"\(100..100\) \+ 100 oracle-floor oracles \(101..200\) need 201"):
+        allocate_oracles(100, matching_oracles=1, oracle_floor=True)
+
+
 def test_a_run_downloads_its_checkpoints_and_matching_oracles_and_nothing_more():
     from raybench.easydub import checkpoint_file, needed_files, oracle_margins_path
 
@@ -337,3 +276,8 @@ def test_a_run_downloads_its_checkpoints_and_matching_oracles_and_nothing_more()
                                   checkpoint_file(3, "2")])  # originals 0-1; matching oracles 2-3, not scoring 0-1
     assert oracle_margins_path("2", "val", 3) in files and oracle_margins_path("2", "val", 4) not in files
     assert not [f for f in needed_files(["2"], 2) if f.endswith(".pt")]  # a margins-only import reads none
+    # the margin cross-check also reads scoring oracles 0-1's state dicts, and no other
+    checked = needed_files(["2"], 2, matching_oracles=2, checkpoints=True, margin_check=True)
+    assert sorted(set(checked) - set(files)) == sorted([checkpoint_file(0, "2"), checkpoint_file(1, "2")])
+    floor = needed_files(["2"], 2, matching_oracles=2, oracle_floor=True)
+    assert oracle_margins_path("2", "val", 5) in floor and oracle_margins_path("2", "val", 6) not in floor
