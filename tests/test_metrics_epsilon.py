@@ -78,6 +78,19 @@ def _cases():
     coarse_u = np.round(RNG.normal(1, 1, (10, 4)), 1)  # many ties, values on threshold grid points
     yield "coarse", coarse_u, np.round(RNG.normal(0, 1, (10, 4)), 1)
     yield "separated", RNG.normal(6, 0.5, (7, 3)), RNG.normal(0, 0.5, (7, 3))
+    # equal ranges (4.0 each) at different places: the tie rule decides which ensemble the windows are built around
+    eq_u = np.array([[0.0, 1.1, 1.5, 2.1, 3.2, 4.0], [0.0, 0.1, 0.9, 2.8, 3.5, 4.0]]).T
+    eq_r = np.array([[1.2, 1.4, 2.1, 2.9, 3.8, 5.2], [1.5, 2.3, 2.8, 2.8, 3.2, 5.5]]).T
+    yield "equal-ranges", eq_u, eq_r
+    # equal medians: the unlearned ensemble is the positive one (predicted right of the threshold)
+    med_u = np.array([[-2.5, -1.9, -2.8, 0.6, -1.1], [-2.0, 1.8, 1.3, -2.4, 1.7]]).T
+    med_r = np.array([[-2.2, 1.0, -1.9, -1.0, -2.4], [2.6, 1.4, -1.6, 1.3, -0.9]]).T
+    yield "equal-medians", med_u, med_r
+    # a peaky retrained ensemble (range 0.3% of the other's) overlapping unlearned values: capped by the ratio rule,
+    # although no window separates them
+    peaky_u = np.vstack([np.full((4, 2), 0.3), RNG.normal(0, 1, (8, 2)), [[-2, -2], [2, 2]]])
+    peaky_r = 0.3 + np.linspace(0, 0.012, 14)[:, None] * np.ones(2)
+    yield "peaky-overlapping", peaky_u, peaky_r
 
 
 @pytest.mark.parametrize("name,u,r", list(_cases()), ids=[c[0] for c in _cases()])
