@@ -207,11 +207,13 @@ class RunStore:
             raise StoreError(f"{path} is not valid JSON: {err}") from err
 
     # -- run identity -------------------------------------------------------------------------------------------
-    def open_run(self, identity: dict) -> str:
+    def open_run(self, identity: dict, versions: dict | None = None) -> str:
         """Create the run folder, or check that an existing one was made by the same run; return the run id.
 
         ``identity`` holds everything that gives a unit's stored output its meaning (data, architecture, recipe,
         N, chunking, seeds). Methods and forget sets are not part of it: adding them to a run only adds units.
+        ``versions`` (``raybench.versions.collect_versions``) is recorded, never hashed: run.json keeps the
+        creating run's as ``versions`` and the latest run's as ``latest_versions``.
         """
         identity = {"format_version": FORMAT_VERSION, **identity}
         run_id = digest(identity)
@@ -230,8 +232,11 @@ class RunStore:
                     f"{self.uri} holds another run ({existing.get('run')}); it differs in: {', '.join(diff)}. "
                     "Use a new --out folder, or the same settings to resume"
                 )
+            if versions is not None and existing.get("latest_versions") != versions:
+                self.write_json(path, {**existing, "latest_versions": versions})
             return run_id
-        self.write_json(path, {"run": run_id, "format_version": FORMAT_VERSION, "identity": identity})
+        recorded = {} if versions is None else {"versions": versions, "latest_versions": versions}
+        self.write_json(path, {"run": run_id, "format_version": FORMAT_VERSION, "identity": identity, **recorded})
         return run_id
 
     def run_info(self) -> dict:
