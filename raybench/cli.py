@@ -36,7 +36,7 @@ class BadInput(click.ClickException):
 
 class _OneLineErrors(click.Group):
     """Every usage error of a subcommand, click's own (a bad option value) or ours (``click.UsageError``), exits
-    with code 2 and a single line that names the command's help, instead of the usage block."""
+    with code 2 and a single line instead of the usage block; click's own point at the command's ``--help``."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:

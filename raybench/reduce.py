@@ -95,7 +95,7 @@ def _groups(units: dict[str, UnitOutput]) -> tuple[dict, dict, dict]:
 def _code_version(unit: UnitOutput) -> tuple[int, int, int]:
     """(training, margins, method) versions the unit was planned with; 0 where its manifest has none (imports)."""
     v = unit.meta.get("code_versions") or {}
-    return v.get("training", 0), v.get("margins", 0), v.get("method", 0)
+    return v.get("training") or 0, v.get("margins") or 0, v.get("method") or 0
 
 
 def _newest(units: list[UnitOutput]) -> list[UnitOutput]:

@@ -212,9 +212,13 @@ class RunStore:
 
         ``identity`` holds everything that gives a unit's stored output its meaning (data, architecture, recipe,
         N, chunking, seeds). Methods and forget sets are not part of it: adding them to a run only adds units.
-        ``versions`` (``raybench.versions.collect_versions``) is recorded, never hashed: run.json keeps the
-        creating run's as ``versions`` and the latest run's as ``latest_versions``.
+        ``versions`` (default: ``raybench.versions.collect_versions()`` of this process) is recorded, never
+        hashed: run.json keeps the creating run's as ``versions`` and the latest run's as ``latest_versions``.
         """
+        if versions is None:
+            from raybench.versions import collect_versions
+
+            versions = collect_versions()
         identity = {"format_version": FORMAT_VERSION, **identity}
         run_id = digest(identity)
         path = self.path("run.json")
@@ -232,11 +236,11 @@ class RunStore:
                     f"{self.uri} holds another run ({existing.get('run')}); it differs in: {', '.join(diff)}. "
                     "Use a new --out folder, or the same settings to resume"
                 )
-            if versions is not None and existing.get("latest_versions") != versions:
+            if existing.get("latest_versions") != versions:
                 self.write_json(path, {**existing, "latest_versions": versions})
             return run_id
-        recorded = {} if versions is None else {"versions": versions, "latest_versions": versions}
-        self.write_json(path, {"run": run_id, "format_version": FORMAT_VERSION, "identity": identity, **recorded})
+        self.write_json(path, {"run": run_id, "format_version": FORMAT_VERSION, "identity": identity,
+                               "versions": versions, "latest_versions": versions})
         return run_id
 
     def run_info(self) -> dict:

@@ -44,6 +44,7 @@ def _bad(message: str, toml: str | None = None, tmp_path=None, **values):
     ({"params": {"finetune": {"epochs": [2**31]}}}, "epochs must be positive integers"),
     ({"params": {"finetune": {"epochs": "abc"}}}, "epochs must be positive integers"),
     ({"params": {"retrain": {"epochs": [1, 2]}}}, "single result"),
+    ({"params": {"do_nothing": {"epochs": [{}]}}}, "'do_nothing' has no epochs"),
     ({"params": {"salun": {"tau": 1.5}}}, r"salun.tau must be in \[0, 1\]"),
     ({"params": {"salun": {"rum_mask_bug": 1}}}, "salun.rum_mask_bug must be true or false"),
     ({"params": {"oracle_matching": {"pairing": "each"}}}, "oracle_matching.pairing must be one of"),

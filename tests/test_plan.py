@@ -144,3 +144,19 @@ def test_the_reducer_scores_only_the_newest_version_of_an_ensemble():
     legacy = [unit("a", "unlearned", [0], 1), UnitOutput("b", (), {**unit("b", "unlearned", [1], 1).meta,
                                                                     "code_versions": None})]
     assert [u.unit_id for u in _groups({u.unit_id: u for u in legacy})[2][("1", "finetune", "{}")].units] == ["a"]
+
+
+def test_run_json_records_the_creating_and_the_latest_versions_outside_the_identity(tmp_path):
+    import json
+
+    from raybench.store import RunStore
+
+    store = RunStore(str(tmp_path))
+    old = {**versions.collect_versions("cpu"), "torch": "1.0"}
+    new = {**old, "torch": "2.0", "device": "NVIDIA H200"}
+    run_id = store.open_run({"n_models": 4}, old)
+    assert store.open_run({"n_models": 4}, new) == run_id  # a torch upgrade does not orphan the folder
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["versions"] == old and info["latest_versions"] == new and "torch" not in json.dumps(info["identity"])
+    RunStore(str(tmp_path / "other")).open_run({"n_models": 4})  # by default: this process's versions
+    assert json.loads((tmp_path / "other" / "run.json").read_text())["versions"] == versions.collect_versions()

@@ -171,7 +171,8 @@ def expand_grid(method: Method, overrides: dict) -> list[dict]:
             except (TypeError, ValueError):
                 raise ValueError(f"{method.name}.{key}: {value!r} is not a plain JSON value") from None
             if text in seen:
-                raise ValueError(f"{method.name}.{key} lists the value {text} twice: one sweep value, one set of units")
+                raise ValueError(f"{method.name}.{key} lists the value {text} twice; list each sweep value once "
+                                 "(each one is its own set of units)")
             seen.add(text)
         axes.append(checked)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]
@@ -180,10 +181,12 @@ def expand_grid(method: Method, overrides: dict) -> list[dict]:
 def snapshot_epochs(method: Method, overrides: dict) -> tuple[int, ...]:
     """The epochs to snapshot, sorted: positive integers (not booleans) up to ``spec.INT32_MAX`` (the stored
     column is int32), a single one for a method that produces one result."""
+    if method.fn is None:  # the originals as they are: nothing to snapshot
+        if "epochs" in overrides:
+            raise ValueError(f"method {method.name!r} has no epochs: its models are the originals")
+        return tuple(method.default_epochs)
     epochs = overrides.get("epochs", method.default_epochs)
     epochs = (epochs,) if isinstance(epochs, int) else tuple(epochs) if isinstance(epochs, list | tuple) else epochs
-    if method.fn is None:
-        return tuple(sorted(set(epochs))) if isinstance(epochs, tuple) else ()
     if not isinstance(epochs, tuple) or not epochs or any(
             isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= spec.INT32_MAX for e in epochs):
         shown = list(epochs) if isinstance(epochs, tuple) else epochs
