@@ -21,6 +21,31 @@ if TYPE_CHECKING:
     from raybench.store import RunStore
 
 EXIT_BAD_INPUT = 2
+MAX_BINS = 10_000
+"""KLOM histogram bins at most: the kernel holds (samples x bins) floats per chunk, and published KLOM uses 20."""
+
+
+class BadInput(click.ClickException):
+    """Bad input: exit code 2 and one line ``Error: ...`` (click's own usage errors also print the usage)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever the message held
+
+
+class _OneLineErrors(click.Group):
+    """Every usage error of a subcommand, click's own (a bad option value) or ours (``click.UsageError``), exits
+    with code 2 and a single line instead of the usage block; click's own point at the command's ``--help``."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            # click's own parse errors (subclasses) get a pointer to the options; ours say what to change
+            parse_error = type(err) is not click.UsageError and err.ctx is not None
+            where = f" (see '{err.ctx.command_path} --help')" if parse_error else ""
+            raise BadInput(f"{err.format_message()}{where}") from err
 
 
 def _progress(message: str) -> None:
@@ -55,7 +80,7 @@ def _load_matrix(path: str) -> np.ndarray:
         raise click.BadParameter(f"cannot read {path} as a .npy array: {err}") from err
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """raybench: does an unlearning method make models indistinguishable from retrained ones? (KLOM)"""
@@ -67,10 +92,12 @@ def main(verbose: int) -> None:
 @click.argument("unlearned", type=click.Path(exists=True, dir_okay=False))
 @click.argument("oracle", type=click.Path(exists=True, dir_okay=False))
 @click.option("--variant", type=click.Choice(VARIANTS), default="easydub", show_default=True)
-@click.option("--bins", type=int, default=20, show_default=True)
+@click.option("--bins", type=int, default=20, show_default=True, help=f"Histogram bins, 1..{MAX_BINS}.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the per-sample KLOM here (.npy).")
 def klom_command(unlearned: str, oracle: str, variant: str, bins: int, out: str | None) -> None:
     """KLOM of two margin matrices (.npy, shape models x samples): per-sample values and their summary."""
+    if not 1 <= bins <= MAX_BINS:
+        raise click.UsageError(f"--bins must be in 1..{MAX_BINS}, got {bins}")
     u, o = _load_matrix(unlearned), _load_matrix(oracle)
     try:
         result = klom_details(u, o, variant=variant, bins=bins)
@@ -281,12 +308,23 @@ def import_easydub_command(source: str, forget_sets: str, n_models: int, n_oracl
 
 
 @main.command("methods")
-def methods_command() -> None:
-    """List the registered unlearning methods, one per line."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list: name, version, description, defaults, default_epochs and each parameter's "
+                   "type and range.")
+def methods_command(as_json: bool) -> None:
+    """List the registered unlearning methods, one per line: name, version, description."""
     from raybench.methods import available_methods
 
-    for method in available_methods().values():
-        click.echo(f"{method.name:<18} {method.description}")
+    methods = available_methods().values()
+    if as_json:
+        click.echo(json.dumps([{
+            "name": m.name, "version": m.version, "description": m.description, "defaults": m.defaults,
+            "default_epochs": list(m.default_epochs),
+            "params": {k: (c.to_dict() if (c := m.spec_of(k)) else None) for k in m.defaults},
+        } for m in methods], indent=2))
+        return
+    for method in methods:
+        click.echo(f"{method.name:<18} v{method.version:<3} {method.description}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raybench import spec
 from raybench.data import DATASETS
 from raybench.easydub import FORGET_ID, EasyDubError, allocate_oracles, run_identity
 from raybench.ids import digest
@@ -97,6 +98,11 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (TOML must be): {err.reason} at byte "
+                          f"{err.start}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
 
 
 def build_config(toml_path: str | None = None, **cli: object) -> RunConfig:
@@ -138,24 +144,59 @@ def _as_names(value: object, key: str) -> tuple[str, ...]:
     return names
 
 
+MAX_CHUNK_SIZE = 1 << 24
+"""Samples per Parquet row at most (16.7M, over 13x ImageNet's train set): sample offsets are int32 and a chunk is
+one matrix the reducer holds per ensemble."""
+
+MAX_BLOCK_SIZE = 10_000
+"""Models per stacked block at most: a block lives in one worker's memory (10,000 digits MLPs take about 2 GB of
+activations and gradients; 100,000 exhausted 23 GB). Larger architectures need far smaller blocks, which this
+bound cannot judge."""
+
+_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "easydub_source")
+
+
 def validate(config: RunConfig) -> None:
+    """Every value's type and range, the recipe's and every method parameter's, before anything starts.
+
+    Bounds: ``2 <= n_models <= spec.MAX_MODELS``, ``1 <= block_size <= MAX_BLOCK_SIZE``, ``1 <= chunk_size <=
+    MAX_CHUNK_SIZE``, ``seed`` a 64-bit integer, ``num_cpus >= 1`` (a Ray with no CPU computes every unit and then
+    hangs writing them), ``num_gpus >= 0``. That one unit's margins fit a Parquet list column needs the data set's
+    size, so ``plan.check_unit_sizes`` checks it once the data set is loaded, still before any work.
+    """
+    for key in _STRING_KEYS:
+        if not isinstance(getattr(config, key), str):
+            raise ConfigError(f"{key} must be a string, got {getattr(config, key)!r}")
     if config.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
     if config.resolved_arch not in ARCHS:
         raise ConfigError(f"unknown arch {config.arch!r}; known: {', '.join(ARCHS)}")
-    for key in ("n_models", "block_size", "chunk_size"):
+    for key, low, high in (("n_models", 1, spec.MAX_MODELS), ("block_size", 1, MAX_BLOCK_SIZE),
+                           ("chunk_size", 1, MAX_CHUNK_SIZE)):
         value = getattr(config, key)
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if value > high:
+            raise ConfigError(f"{key} = {value} is more than raybench plans (at most {high:,})")
     if config.n_models < 2:
         raise ConfigError("n_models must be at least 2: KLOM compares distributions over models")
-    for key in ("num_cpus", "num_gpus"):
+    _check(spec.integer(-(1 << 63), (1 << 63) - 1), "seed", config.seed)
+    for key, low in (("num_cpus", 1), ("num_gpus", 0)):
         value = getattr(config, key)
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+    for key in ("forget_sets", "methods"):
+        value = getattr(config, key)
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of names, got {value!r}")
     if not isinstance(config.params, dict) or not all(isinstance(v, dict) for v in config.params.values()):
         raise ConfigError("params must be a table of tables: [params.<method>] key = value")
+    if not isinstance(config.recipe, dict):
+        raise ConfigError(f"recipe must be a table of recipe values ([recipe] key = value), got {config.recipe!r}")
     config.resolved_recipe()
+    from raybench.plan import plan_method_runs  # here: plan imports this module
+
+    plan_method_runs(config)  # every method parameter's type and range, and every sweep's values distinct
     if config.easydub_source:
         _validate_easydub(config)
     remote = bool(config.address) or bool(os.environ.get("RAY_ADDRESS"))
@@ -165,6 +206,13 @@ def validate(config: RunConfig) -> None:
             f"--out {out!r} is relative but the run joins a Ray cluster: on a cluster, relative paths land in the "
             "job's temporary working dir; give an absolute path on shared storage or a URI (s3://, gs://)"
         )
+
+
+def _check(check: spec.Param, name: str, value: object) -> None:
+    try:
+        check.check(name, value)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_easydub(config: RunConfig) -> None:

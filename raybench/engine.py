@@ -37,9 +37,10 @@ import numpy as np
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, load_dataset
 from raybench.easydub import EasyDubError, allocate_oracles, import_easydub, record_images
-from raybench.plan import Plan, Unit, make_plan, matching_oracle_count, plan_method_runs
+from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, matching_oracle_count, plan_method_runs
 from raybench.store import RunStore, StoreError
 from raybench.units import UnitContext, run_unit
+from raybench.versions import collect_versions
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,16 @@ def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str
         dataset = load_dataset(config.dataset, config.data_root or None)
     except ValueError as err:  # CIFAR-10 missing and offline, corrupted files: the user's to fix, exit code 2
         raise ConfigError(str(err)) from err
-    store = RunStore(config.output_uri())
+    check_unit_sizes(config, plan_method_runs(config), dataset.n_train + dataset.n_val)  # before any import
+    versions = collect_versions()  # recorded in run.json, never part of its identity
     if config.easydub_source:
+        store = RunStore(config.output_uri())
         plan = make_plan(config, dataset, import_published(config, dataset, store))
-        run_id = store.open_run(config.identity())
+        run_id = store.open_run(config.identity(), versions)
     else:
-        plan = make_plan(config, dataset)
-        run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()})
+        plan = make_plan(config, dataset)  # first: a bad forget set is refused before the folder is made
+        store = RunStore(config.output_uri())
+        run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()}, versions)
         store.write_json(store.path("dataset.json"), {
             "name": dataset.name, "fingerprint": dataset.fingerprint(), "n_train": dataset.n_train,
             "n_val": dataset.n_val, "source_train": dataset.source_train.tolist(),

@@ -10,7 +10,11 @@ Units:
   (METHODS.md §3.3); unlearn units of such methods also depend on them.
 
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
-A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed.
+A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed. That
+includes the versions of the code that computes it (``code_versions``): train units carry ``TRAINING_VERSION``
+and ``MARGINS_VERSION``, unlearn units their method's ``version``, ``TRAINING_VERSION`` (a method may train, as
+``retrain`` does, also on imported originals) and ``MARGINS_VERSION``. Bumping a method's version recomputes its
+units and nothing else; package versions are recorded with the results, never hashed.
 
 With ``easydub_source`` set, originals, oracles and matching oracles are not trained: they are ``import`` units
 (EasyDUB's published models, written by ``raybench.easydub.import_easydub`` before anything runs, under the ids
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from raybench import training
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, resolve_forget_set
 from raybench.easydub import NO_SEED, EasyDubError, allocate_oracles, id_blocks, import_unit_id
@@ -45,6 +50,7 @@ class Unit:
     epochs: tuple[int, ...] = ()
     depends_on: tuple[str, ...] = ()  # unlearn: the originals' train unit, then any matching-oracle units
     method_seed: int = 0
+    code_versions: dict = field(default_factory=dict)  # the code versions hashed into ``id`` (see module doc)
 
     @property
     def params_json(self) -> str:
@@ -96,10 +102,21 @@ def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, count: int,
     all_seeds = ensemble_seeds(config.seed, "matching_oracle", fs_id, n=count)
     for ids in id_blocks(0, count, config.block_size):
         seeds = tuple(all_seeds[i] for i in ids)
+        versions = train_versions()
         unit_id = digest({"kind": "train", "role": "matching_oracle", "forget": fs_digest, "seeds": seeds,
-                          "identity": identity})
-        units.append(Unit(unit_id, "train", "matching_oracle", fs_id, ids, seeds))
+                          "identity": identity, "versions": versions})
+        units.append(Unit(unit_id, "train", "matching_oracle", fs_id, ids, seeds, code_versions=versions))
     return units
+
+
+def train_versions() -> dict:
+    """The code versions a train unit's id includes (read at call time, so tests can bump them)."""
+    return {"training": training.TRAINING_VERSION, "margins": training.MARGINS_VERSION}
+
+
+def unlearn_versions(method: Method) -> dict:
+    """The code versions an unlearn unit's id includes."""
+    return {"method": method.version, "training": training.TRAINING_VERSION, "margins": training.MARGINS_VERSION}
 
 
 def _imported(identity: dict, role: str, fs_id: str, first: int, count: int, block_size: int) -> list[Unit]:
@@ -129,6 +146,23 @@ def plan_method_runs(config: RunConfig) -> list[MethodRun]:
     return method_runs
 
 
+LIST_OFFSET_MAX = (1 << 31) - 1
+"""A Parquet/Arrow ``list<float32>`` column addresses at most this many values (int32 offsets)."""
+
+
+def check_unit_sizes(config: RunConfig, method_runs: list[MethodRun], n_samples: int) -> None:
+    """Refuse, before any work, a unit whose margins table cannot be stored: its margins (models of one block x
+    samples of both splits x snapshots) go into one ``list<float32>`` column, which ``store.margins_table`` would
+    only refuse after the unit was computed. Train units have one snapshot, unlearn units one per epoch asked."""
+    block = min(config.block_size, config.n_models)
+    snapshots = max((len(r.epochs) for r in method_runs if r.method.fn is not None), default=1)
+    total = block * n_samples * snapshots
+    if total > LIST_OFFSET_MAX:
+        raise ConfigError(f"one unit would hold {block} models x {n_samples} samples x {snapshots} snapshot(s) = "
+                          f"{total:,} margins, more than a Parquet list column holds ({LIST_OFFSET_MAX:,}); "
+                          "lower block_size or the number of snapshot epochs")
+
+
 def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, ForgetSet] | None = None) -> Plan:
     """All units of ``config``, originals first, then oracles, then unlearning (a valid execution order).
 
@@ -145,6 +179,7 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
         if len(forget_sets) != len(resolved):
             raise ConfigError(f"two forget sets share an id: {', '.join(fs.id for fs in resolved)} (rename a file)")
     method_runs = plan_method_runs(config)
+    check_unit_sizes(config, method_runs, dataset.n_train + dataset.n_val)
     n_matching = matching_oracle_count(config, method_runs)
     recipe = config.resolved_recipe().to_dict()
 
@@ -156,8 +191,10 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
         original_seeds = ensemble_seeds(config.seed, "original", n=config.n_models)
         for ids in id_blocks(0, config.n_models, config.block_size):
             seeds = tuple(original_seeds[i] for i in ids)
-            unit_id = digest({"kind": "train", "role": "original", "seeds": seeds, "identity": identity})
-            originals.append(Unit(unit_id, "train", "original", NO_FORGET_SET, ids, seeds))
+            versions = train_versions()
+            unit_id = digest({"kind": "train", "role": "original", "seeds": seeds, "identity": identity,
+                              "versions": versions})
+            originals.append(Unit(unit_id, "train", "original", NO_FORGET_SET, ids, seeds, code_versions=versions))
     units.extend(originals)
     for fs in forget_sets.values():
         if config.easydub_source:
@@ -167,9 +204,10 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
         oracle_seeds = ensemble_seeds(config.seed, "oracle", fs.id, n=config.n_models)
         for ids in id_blocks(0, config.n_models, config.block_size):
             seeds = tuple(oracle_seeds[i] for i in ids)
+            versions = train_versions()
             unit_id = digest({"kind": "train", "role": "oracle", "forget": fs_digest, "seeds": seeds,
-                              "identity": identity})
-            units.append(Unit(unit_id, "train", "oracle", fs.id, ids, seeds))
+                              "identity": identity, "versions": versions})
+            units.append(Unit(unit_id, "train", "oracle", fs.id, ids, seeds, code_versions=versions))
     for fs in forget_sets.values():
         fs_digest = digest(fs.indices.tolist())
         matching = _matching_oracles(config, fs.id, fs_digest, n_matching, identity) if n_matching else []
@@ -182,9 +220,25 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
                 method_seed = model_seed(config.seed, "method", run.method.name, fs.id)
                 # the recipe is in the id because methods read it (batch sizes, weight decay); for trained
                 # originals it is also in their id, for imported ones it is not
+                versions = unlearn_versions(run.method)
                 unit_id = digest({"kind": "unlearn", "method": run.method.name, "params": run.params,
                                   "epochs": run.epochs, "forget": fs_digest, "depends": (original.id, *needs),
-                                  "method_seed": method_seed, "recipe": recipe})
+                                  "method_seed": method_seed, "recipe": recipe, "versions": versions})
                 units.append(Unit(unit_id, "unlearn", "unlearned", fs.id, original.model_ids, original.seeds,
-                                  run.method.name, run.params, run.epochs, (original.id, *needs), method_seed))
+                                  run.method.name, run.params, run.epochs, (original.id, *needs), method_seed,
+                                  versions))
+    _check_unique(units)
     return Plan(config, forget_sets, tuple(method_runs), tuple(units))
+
+
+def _check_unique(units: list[Unit]) -> None:
+    """Two planned units with one id would be computed twice and committed under one manifest, and every later
+    reduce would fail on duplicate model ids: refuse the plan instead (the config checks should make this
+    unreachable; this is the last line)."""
+    seen: dict[str, Unit] = {}
+    for unit in units:
+        if unit.id in seen:
+            first = seen[unit.id]
+            raise ConfigError(f"the plan holds unit {unit.id} twice ({first.kind} {first.method} {first.params_json} "
+                              f"on forget set {first.forget_set}); refusing to run it twice")
+        seen[unit.id] = unit

@@ -27,6 +27,7 @@ import numpy as np
 
 from raybench.metrics import KLOM_VERSION, klom_details, summarize
 from raybench.store import RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
+from raybench.versions import summary_versions
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,27 @@ def _groups(units: dict[str, UnitOutput]) -> tuple[dict, dict, dict]:
             unlearned[(m["forget_set"], m["method"], m["params"])].append(u)
 
     def ordered(us: list) -> tuple:
-        return tuple(sorted(us, key=lambda u: min(u.meta["model_ids"])))
+        return tuple(sorted(_newest(us), key=lambda u: min(u.meta["model_ids"])))
 
     original_group = Group("none", "do_nothing", "{}", ordered(originals))
     oracle_groups = {fs: Group(fs, "none", "{}", ordered(us)) for fs, us in oracles.items()}
     method_groups = {key: Group(*key, ordered(us)) for key, us in unlearned.items()}
     return {"original": original_group}, oracle_groups, method_groups
+
+
+def _code_version(unit: UnitOutput) -> tuple[int, int, int]:
+    """(training, margins, method) versions the unit was planned with; 0 where its manifest has none (imports)."""
+    v = unit.meta.get("code_versions") or {}
+    return v.get("training") or 0, v.get("margins") or 0, v.get("method") or 0
+
+
+def _newest(units: list[UnitOutput]) -> list[UnitOutput]:
+    """The units of one ensemble made by the newest code: after a version bump the folder still holds the old
+    version's units (other ids, same models), which are ignored rather than mixed in or counted twice."""
+    if not units:
+        return units
+    newest = max(_code_version(u) for u in units)
+    return [u for u in units if _code_version(u) == newest]
 
 
 def _check_complete(group: Group, n_expected: int, what: str) -> bool:
@@ -300,8 +316,9 @@ def _natural(s: str) -> tuple:
 
 
 def write_summary(store: RunStore, rows: list[dict]) -> dict:
-    """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity and each
-    row's wall-clock ``compute_s``. Returns what summary.json holds."""
+    """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity, each
+    row's wall-clock ``compute_s`` and ``versions`` (``raybench.versions.summary_versions``). Returns what
+    summary.json holds."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -309,6 +326,7 @@ def write_summary(store: RunStore, rows: list[dict]) -> dict:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
     store.write_bytes(store.path("summary.csv"), buffer.getvalue().encode())
     info = store.run_info()
-    summary = {"run": info["run"], "identity": info["identity"], "klom_version": KLOM_VERSION, "rows": rows}
+    summary = {"run": info["run"], "identity": info["identity"], "klom_version": KLOM_VERSION,
+               "versions": summary_versions(u.meta for u in store.completed_units().values()), "rows": rows}
     store.write_bytes(store.path("summary.json"), json.dumps(summary, indent=2).encode())
     return summary

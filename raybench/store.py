@@ -238,12 +238,18 @@ class RunStore:
             raise StoreError(f"{path} is not valid JSON: {err}") from err
 
     # -- run identity -------------------------------------------------------------------------------------------
-    def open_run(self, identity: dict) -> str:
+    def open_run(self, identity: dict, versions: dict | None = None) -> str:
         """Create the run folder, or check that an existing one was made by the same run; return the run id.
 
         ``identity`` holds everything that gives a unit's stored output its meaning (data, architecture, recipe,
         N, chunking, seeds). Methods and forget sets are not part of it: adding them to a run only adds units.
+        ``versions`` (default: ``raybench.versions.collect_versions()`` of this process) is recorded, never
+        hashed: run.json keeps the creating run's as ``versions`` and the latest run's as ``latest_versions``.
         """
+        if versions is None:
+            from raybench.versions import collect_versions
+
+            versions = collect_versions()
         identity = {"format_version": FORMAT_VERSION, **identity}
         run_id = digest(identity)
         path = self.path("run.json")
@@ -257,8 +263,11 @@ class RunStore:
                     f"{self.uri} holds another run ({existing.get('run')}); it differs in: {', '.join(diff)}. "
                     "Use a new --out folder, or the same settings to resume"
                 )
+            if existing.get("latest_versions") != versions:
+                self.write_json(path, {**existing, "latest_versions": versions})
             return run_id
-        self.write_json(path, {"run": run_id, "format_version": FORMAT_VERSION, "identity": identity})
+        self.write_json(path, {"run": run_id, "format_version": FORMAT_VERSION, "identity": identity,
+                               "versions": versions, "latest_versions": versions})
         return run_id
 
     def run_info(self) -> dict:

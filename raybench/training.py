@@ -29,7 +29,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raybench import spec
 from raybench.models import StackedModel
+
+TRAINING_VERSION = 1
+"""Version of what ``train_stack`` computes from a recipe and seeds (the base training of originals and oracles).
+It is part of every train unit's id: bump it when a change here alters trained models, and a rerun into an
+existing folder retrains (and, through their dependencies, re-unlearns) instead of reusing the old models."""
+
+MARGINS_VERSION = 1
+"""Version of how margins are read off a model (``margins_from_logits``, ``compute_margins``). Part of every unit
+id: bump it when stored margins of the same models would change."""
 
 # torch's CPU generator keeps only the low 32 bits of a seed (seed and seed + 2**32 give the same stream),
 # so the offset is 2**31: with model seeds in [0, 2**31) (enforced by StackedModel), a data-order seed never
@@ -51,17 +61,25 @@ class Recipe:
     warmup_fraction: float  # the lr peaks after this fraction of all iterations (triangular schedule)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if self.lr < 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got {self}")
-        if not 0 < self.warmup_fraction <= 1:
-            raise ValueError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
+        """Strict checks (``RECIPE_SPECS``): integers are ints (not bools, not 2.5), reals finite and stored as
+        floats, so a recipe that cannot train is refused while the config is validated, not after the work."""
+        for name, check in RECIPE_SPECS.items():
+            object.__setattr__(self, name, check.check(name, getattr(self, name)))
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict; ``Recipe(**d)`` rebuilds the recipe."""
         return dataclasses.asdict(self)
 
+
+RECIPE_SPECS: dict[str, spec.Param] = {
+    "epochs": spec.integer(1),
+    "batch_size": spec.integer(1),
+    "lr": spec.real(0, low_open=True),
+    "momentum": spec.real(0, 1, high_open=True),
+    "weight_decay": spec.real(0),
+    "warmup_fraction": spec.real(0, 1, low_open=True),
+}
+"""Type and range of every recipe field (the same declarative checks as method parameters)."""
 
 _DEFAULT_RECIPES: dict[tuple[str, str], Recipe] = {
     # ≈97.5% val accuracy (train 100%); 100 models in about 10 s on 2 CPU cores. lr 0.05 loses ~0.5 points,

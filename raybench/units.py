@@ -19,6 +19,7 @@ from raybench.models import StackedModel, build_stack, concat_stacks, grad_sampl
 from raybench.plan import Unit
 from raybench.store import RunStore, margins_table
 from raybench.training import Recipe, compute_scores, train_stack
+from raybench.versions import collect_versions
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
             "method": unit.method, "params": unit.params_json, "epochs": list(unit.epochs) or [ctx.recipe.epochs],
             "model_ids": list(unit.model_ids), "seeds": list(unit.seeds), "rows": table.num_rows,
             "compute_s": compute_s, "wall_s": time.perf_counter() - t0,
-            "grad_samples": [n for n, _ in work], "compute_s_by_epoch": [c for _, c in work]}
+            "grad_samples": [n for n, _ in work], "compute_s_by_epoch": [c for _, c in work],
+            "code_versions": unit.code_versions, "versions": collect_versions(ctx.device)}
     return table, meta
 
 

@@ -241,3 +241,60 @@ def test_an_ensemble_in_one_block_is_reduced_as_the_reference_scores_it(ray_sess
     assert val["klom_mean"] == pytest.approx(float(expected.mean()), rel=1e-12)
     assert val["klom_p95"] == pytest.approx(float(np.percentile(expected, 95)), rel=1e-12)
 
+
+def test_a_bumped_method_version_reruns_only_that_methods_units(ray_session, tmp_path, monkeypatch):
+    """A method fixed (its version bumped) after a run: the rerun into the same folder recomputes its units and
+    nothing else, and the summary scores one ensemble per method, not the old and the new ones together."""
+    import dataclasses
+
+    import raybench.methods as methods_module
+
+    small = {"n_models": 4, "block_size": 2, "forget_sets": "1", "methods": "do_nothing,finetune,gradient_ascent",
+             "params": {"finetune": {"epochs": [1]}, "gradient_ascent": {"epochs": [1]}}, "recipe": {"epochs": 2},
+             "chunk_size": 1000}
+    plan, store, report, rows = _run(tmp_path, **small)
+    assert report.units_run == len(plan.units) == 8  # 2 blocks each: originals, oracles, finetune, ascent
+    first_manifests = set(store.completed_units())
+    summary_before = (tmp_path / "summary.csv").read_bytes()
+
+    bumped = [dataclasses.replace(m, version=2) if m.name == "finetune" else m for m in methods_module._BUILTIN]
+    monkeypatch.setattr(methods_module, "_BUILTIN", bumped)
+    plan2, store2, report2, rows2 = _run(tmp_path, **small)
+    assert (report2.units_run, report2.units_skipped) == (2, 6)
+    new = set(store2.completed_units()) - first_manifests
+    assert new == {u.id for u in plan2.units_of("unlearn") if u.method == "finetune"}
+    metas = store2.completed_units()
+    assert {metas[uid].meta["method"] for uid in new} == {"finetune"}
+    assert {metas[uid].meta["code_versions"]["method"] for uid in new} == {2}
+    assert len(first_manifests) == 8 and first_manifests <= set(metas)  # the old version's units are kept...
+    # ...but scored once: the same code computed the same margins, so the summary is unchanged, bit for bit
+    def timeless(rs: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "compute_s"} for r in rs]  # wall-clock seconds differ
+
+    assert timeless(rows2) == timeless(rows) and (tmp_path / "summary.csv").read_bytes() == summary_before
+    again = execute(build_config(None, **{**small, "out": str(tmp_path)}))[2]
+    assert again.units_run == 0  # and the bump is computed once
+
+
+def test_versions_are_recorded_in_run_json_manifests_and_summary(small_run):
+    from raybench.versions import VERSION_KEYS
+
+    out, plan, store, report, rows = small_run
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["versions"]) == set(VERSION_KEYS) and run["latest_versions"]["device"] == "cpu"
+    assert "versions" not in run["identity"]  # recorded, never part of the run id
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["versions"]) == set(VERSION_KEYS) and summary["versions"]["device"] == "cpu"
+    import numpy
+    import pyarrow
+    import ray
+    import torch
+
+    import raybench
+
+    assert summary["versions"]["torch"] == torch.__version__.split("+")[0]  # the package's, without the build tag
+    assert (summary["versions"]["numpy"], summary["versions"]["pyarrow"], summary["versions"]["ray"]) == (
+        numpy.__version__, pyarrow.__version__, ray.__version__)
+    assert run["versions"]["raybench"] == raybench.__version__
+    for unit in store.completed_units().values():
+        assert unit.meta["versions"]["device"] == "cpu" and unit.meta["code_versions"]["margins"] >= 1

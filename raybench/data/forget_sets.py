@@ -191,7 +191,11 @@ def _read_file(path: Path, source: str) -> np.ndarray:
                 f"{source}: non-integer values {', '.join(map(repr, bad[:_SHOW]))}"
                 f"{' …' if len(bad) > _SHOW else ''}; indices must be integers"
             )
-        return np.array([int(tok) for tok in tokens], dtype=np.int64)
+        values = [int(tok) for tok in tokens]
+        huge = [tok for tok, v in zip(tokens, values, strict=True) if not -(1 << 63) <= v < (1 << 63)]
+        if huge:  # beyond int64: no train set has such an index (and numpy could not hold it)
+            raise ValueError(f"{source}: indices out of range, first {', '.join(huge[:_SHOW])}")
+        return np.array(values, dtype=np.int64)
     raise ValueError(f"{source}: unsupported file type {path.suffix!r}; use .npy or .txt")
 
 

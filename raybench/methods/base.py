@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from raybench.ids import model_seed
 from raybench.models import StackedModel
+from raybench.spec import Param, infer
 from raybench.training import Recipe
 
 Snapshots = Iterator[tuple[int, StackedModel]]
@@ -61,7 +62,12 @@ class Method:
     ``fn(stack, data, params, epochs, seed)`` yields snapshots; ``fn is None`` marks ``do_nothing``, whose
     "unlearned" models are the originals themselves (scored from the stored original margins, never recomputed).
     ``defaults`` lists every parameter with its default: unknown parameters are rejected, so a typo in a sweep
-    cannot silently run the default.
+    cannot silently run the default. ``param_specs`` gives parameters their type and range (``raybench.spec``),
+    checked before anything runs; a parameter without one is checked against its default's type.
+
+    ``version`` is part of every unit id the method produces: bump it whenever what the method computes changes
+    (a bug fix, a new default behaviour), and a rerun into an existing folder recomputes this method's units,
+    and only them, instead of reusing results of the old code.
     """
 
     name: str
@@ -70,6 +76,23 @@ class Method:
     defaults: dict = field(default_factory=dict)
     default_epochs: tuple[int, ...] = (0,)
     needs_oracles: bool = False  # if True, params must hold "num_oracles" and data.oracles is that many oracles
+    one_snapshot: bool = False  # produces one result (no trajectory): exactly one snapshot epoch may be asked
+    version: int = 1
+    param_specs: dict[str, Param] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"method {self.name!r}: version must be a positive integer, got {self.version!r}")
+        extra = sorted(set(self.param_specs) - set(self.defaults))
+        if extra:
+            raise ValueError(f"method {self.name!r}: param_specs for parameters without a default: {extra}")
+        bad = [k for k, v in self.param_specs.items() if not isinstance(v, Param)]
+        if bad:
+            raise ValueError(f"method {self.name!r}: param_specs must be raybench.spec.Param objects: {bad}")
+
+    def spec_of(self, name: str) -> Param | None:
+        """The check for parameter ``name``: declared, else inferred from its default (None: not checked)."""
+        return self.param_specs.get(name) or infer(self.defaults.get(name))
 
 
 def per_model_batches(n: int, batch_size: int, seeds: Sequence[int], seed: int, epoch: int,
