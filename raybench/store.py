@@ -522,7 +522,10 @@ class RunStore:
         local = isinstance(self.fs, pafs.LocalFileSystem)
         created = _missing_ancestor(self.root) if local else None if self.exists(self.root) else self.root
         try:
-            self.fs.create_dir(self.root, recursive=True)
+            try:
+                self.fs.create_dir(self.root, recursive=True)
+            except OSError as err:
+                raise StoreError(f"cannot create the run folder {self.uri}: {err}") from err
             release = self._lock_local() if local else self._lock_remote()
         except BaseException:
             if created is not None:
