@@ -5,7 +5,7 @@ Layout (``<out>`` is a local path, ``file://…``, ``s3://…`` or ``gs://…``)
     <out>/run.json                                   identity: format version, run id, what defines the units
     <out>/margins/forget_set=<fs>/role=<role>/method=<method>/unit=<id>/part-*.parquet
     <out>/manifests/<unit id>.json                   written last: a unit is complete iff its manifest exists
-    <out>/checkpoints/<unit id>.pt                   original models, read by unlearning units
+    <out>/checkpoints/<unit id>.pt, .pt.json         original models, read by unlearning units; size and sha256
     <out>/staging/                                   Ray Data writes here; files are moved into margins/
     <out>/summary.csv, summary.json
     <out>/run.lock                                   held by the run writing into the folder (``RunStore.lock``)
@@ -92,6 +92,10 @@ _HASH_BLOCK = 8 * 2**20
 
 class StoreError(ValueError):
     """A run folder that cannot be used as asked (another run, another format version, corrupt files)."""
+
+
+class FolderInUse(StoreError):
+    """Another run holds the run folder's lock (``RunStore.lock``)."""
 
 
 @dataclass(frozen=True)
@@ -527,6 +531,8 @@ class RunStore:
             except OSError as err:
                 raise StoreError(f"cannot create the run folder {self.uri}: {err}") from err
             release = self._lock_local() if local else self._lock_remote()
+        except FolderInUse:
+            raise  # the folder is the holder's, whoever created it
         except BaseException:
             if created is not None:
                 self._remove_if_unused(created)
@@ -558,7 +564,7 @@ class RunStore:
                 if _dying(raw) and time.monotonic() < deadline:
                     time.sleep(0.05)  # a killed holder whose last threads are still exiting: released soon
                     continue
-                raise StoreError(f"{self.uri} is in use by another raybench run ({_describe_holder(raw)}): wait "
+                raise FolderInUse(f"{self.uri} is in use by another raybench run ({_describe_holder(raw)}): wait "
                                  "for it to finish, or use another --out") from None
             try:  # the file may have been removed (an empty folder cleaned up) between open and flock
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -580,7 +586,7 @@ class RunStore:
                 other = {}
             stale = other.get("host") == socket.gethostname() and not _pid_alive(other.get("pid"))
             if not stale:
-                raise StoreError(f"{self.uri} is in use by another raybench run ({_describe_holder(other)}): wait "
+                raise FolderInUse(f"{self.uri} is in use by another raybench run ({_describe_holder(other)}): wait "
                                  f"for it to finish, or use another --out; if no run is writing there, delete {path}")
             log.warning("taking over %s, left by a run that is no longer running (%s)", path, _describe_holder(other))
         me = _owner()
