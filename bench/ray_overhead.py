@@ -35,7 +35,7 @@ def main() -> None:
 
     from raybench.config import build_config
     from raybench.data import load_dataset
-    from raybench.engine import execute, start_ray
+    from raybench.engine import execute, record_forget_sets, start_ray
     from raybench.plan import make_plan
     from raybench.store import RunStore
     from raybench.units import UnitContext, run_unit
@@ -58,6 +58,7 @@ def main() -> None:
         t0 = time.perf_counter()
         store = RunStore(config.output_uri())
         run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()})
+        record_forget_sets(store, plan)  # units of a forget set are committed against its record
         ctx = UnitContext.create(run_id=run_id, dataset=dataset, arch=config.resolved_arch,
                                  recipe=config.resolved_recipe().to_dict(), chunk_size=config.chunk_size,
                                  store_uri=store.uri,

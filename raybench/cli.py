@@ -183,12 +183,12 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
     try:
         cli_params = _parse_params(params)
         config = build_config(config_path, params=cli_params or None, **options)
-        plan, store, report = execute(config, verbose=verbose, progress=_progress, step=step)
-        methods = [(r.method.name, _params_json(r.params)) for r in plan.method_runs]
-        if step == "train":  # nothing is unlearned yet: the originals (do_nothing) are what can be scored
-            methods = [("do_nothing", "{}")]
-        rows = reduce_run(store, forget_sets=list(plan.forget_sets), methods=methods)
-        _publish(store, rows)
+        _, store, report = execute(config, verbose=verbose, progress=_progress, step=step)
+        # The summary is the folder's, as `raybench reduce` gives it: ensembles of earlier runs into the same
+        # folder stay in it (a summary never loses an ensemble it had, see write_summary).
+        skipped: list[str] = []
+        rows = reduce_run(store, skipped=skipped)
+        _publish(store, rows, skipped)
     except (ConfigError, StoreError) as err:
         raise click.UsageError(str(err)) from err
     except EngineError as err:
@@ -198,12 +198,6 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
     share = f", {100 * report.model_share():.0f}% of worker time in model work" if report.units_run else ""
     click.echo(f"\nrun {report.run_id}: {report.units_run} units run, {report.units_skipped} already complete, "
                f"{report.wall_s:.1f} s{share}; results in {store.uri}/summary.csv")
-
-
-def _params_json(params: dict) -> str:
-    from raybench.methods import params_json
-
-    return params_json(params)
 
 
 @main.command("reduce")
@@ -216,19 +210,20 @@ def reduce_command(out: str) -> None:
 
     try:
         store = RunStore(out)
-        rows = reduce_run(store)
-        _publish(store, rows)
+        skipped: list[str] = []
+        rows = reduce_run(store, skipped=skipped)
+        _publish(store, rows, skipped)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
     click.echo(summary_table(rows))
 
 
-def _publish(store: RunStore, rows: list[dict]) -> None:
+def _publish(store: RunStore, rows: list[dict], skipped: list[str]) -> None:
     """summary.csv and summary.json, then report.html and its plots from what was written."""
     from raybench.reduce import write_summary
     from raybench.report import write_report
 
-    write_report(store, write_summary(store, rows))
+    write_report(store, write_summary(store, rows, skipped=skipped))
 
 
 @main.command("report")
@@ -236,15 +231,13 @@ def _publish(store: RunStore, rows: list[dict]) -> None:
 def report_command(out: str) -> None:
     """Print a run folder's summary table and rewrite its report.html and plots, from summary.json (nothing
     is recomputed)."""
+    from raybench.reduce import read_summary
     from raybench.report import summary_table, write_report
     from raybench.store import RunStore, StoreError
 
     try:
         store = RunStore(out)
-        path = store.path("summary.json")
-        if not store.exists(path):
-            raise StoreError(f"{store.uri} has no summary.json: run `raybench reduce {out}` first")
-        summary = store.read_json(path)
+        summary = read_summary(store)
         page = write_report(store, summary)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
@@ -285,7 +278,7 @@ def import_easydub_command(source: str, forget_sets: str, n_models: int, n_oracl
     """
     from raybench.data import load_dataset
     from raybench.easydub import EasyDubError, import_easydub
-    from raybench.store import StoreError
+    from raybench.store import RunStore, StoreError
 
     ids = [s.strip() for s in forget_sets.split(",") if s.strip()]
     try:
@@ -293,9 +286,11 @@ def import_easydub_command(source: str, forget_sets: str, n_models: int, n_oracl
     except ValueError as err:  # CIFAR-10 missing and offline, corrupted files (as `raybench run`)
         raise click.UsageError(str(err)) from err
     try:
-        report = import_easydub(source, ids, n_models, out, n_oracles=n_oracles, matching_oracles=matching_oracles,
-                                oracle_floor=oracle_floor, checkpoints=checkpoints, block_size=block_size,
-                                chunk_size=chunk_size, images=images, cache_dir=cache_dir)
+        with RunStore(out).lock():  # like a run: one writer at a time, no empty folder left by a refusal
+            report = import_easydub(source, ids, n_models, out, n_oracles=n_oracles,
+                                    matching_oracles=matching_oracles, oracle_floor=oracle_floor,
+                                    checkpoints=checkpoints, block_size=block_size, chunk_size=chunk_size,
+                                    images=images, cache_dir=cache_dir)
     except (EasyDubError, StoreError) as err:
         raise click.UsageError(str(err)) from err
     sizes = ", ".join(f"{fs} ({n})" for fs, n in report.forget_set_sizes.items())

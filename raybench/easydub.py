@@ -63,7 +63,6 @@ that unlearns records its own (``record_images``).
 from __future__ import annotations
 
 import logging
-import posixpath
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -72,7 +71,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from raybench.data import Dataset
 from raybench.data.forget_sets import validate_indices
@@ -667,18 +665,12 @@ class _UnitWriter:
         table = margins_table(run=self.run_id, unit=unit, role=role, method=method, params="{}",
                               forget_set=forget_set, model_ids=model_ids, seeds=seeds, epoch=STORED_EPOCH,
                               margins=load(), chunk_size=self.chunk_size)
-        staging = self.store.staging_dir()
-        self.store.fs.create_dir(staging, recursive=True)
-        part = posixpath.join(staging, "part-0.parquet")
-        # the "unit" column is dropped as Ray Data drops its partition column; one row group per (split, chunk)
-        pq.write_table(table.drop_columns(["unit"]), part, filesystem=self.store.fs, compression="zstd",
-                       row_group_size=len(model_ids), use_dictionary=False)
         meta = {"unit": unit, "kind": "import", "role": role, "forget_set": forget_set, "method": method,
                 "params": "{}", "epochs": [STORED_EPOCH], "model_ids": model_ids, "seeds": seeds,
                 "rows": table.num_rows, "compute_s": 0.0, "wall_s": time.perf_counter() - t0,
                 "source": "easydub", "hub_epoch": HUB_EPOCH}
-        self.store.commit_unit(meta, [part])
-        self.store.remove_dir(staging)
+        # the store's one writer: page checksums, one row group per (split, chunk), committed atomically
+        self.store.write_unit(meta, table, row_group_size=len(model_ids))
         self.written.append(unit)
 
 

@@ -38,7 +38,7 @@ from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, load_dataset
 from raybench.easydub import EasyDubError, allocate_oracles, import_easydub, record_images
 from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, matching_oracle_count, plan_method_runs
-from raybench.store import RunStore, StoreError
+from raybench.store import PARQUET_WRITE_OPTIONS, RunStore, StoreError
 from raybench.units import UnitContext, run_unit
 from raybench.versions import collect_versions
 
@@ -140,6 +140,13 @@ def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str
     """
     if step not in STEPS:
         raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
+    store = RunStore(config.output_uri())
+    with store.lock():  # one run at a time per folder; a refused run leaves no new folder behind
+        return _execute(config, store, verbose=verbose, progress=progress, step=step)
+
+
+def _execute(config: RunConfig, store: RunStore, *, verbose: bool, progress: Callable[[str], None] | None,
+             step: str) -> tuple[Plan, RunStore, RunReport]:
     t0 = time.perf_counter()
     try:
         dataset = load_dataset(config.dataset, config.data_root or None)
@@ -148,12 +155,10 @@ def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str
     check_unit_sizes(config, plan_method_runs(config), dataset.n_train + dataset.n_val)  # before any import
     versions = collect_versions()  # recorded in run.json, never part of its identity
     if config.easydub_source:
-        store = RunStore(config.output_uri())
         plan = make_plan(config, dataset, import_published(config, dataset, store))
         run_id = store.open_run(config.identity(), versions)
     else:
-        plan = make_plan(config, dataset)  # first: a bad forget set is refused before the folder is made
-        store = RunStore(config.output_uri())
+        plan = make_plan(config, dataset)
         run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()}, versions)
         store.write_json(store.path("dataset.json"), {
             "name": dataset.name, "fingerprint": dataset.fingerprint(), "n_train": dataset.n_train,
@@ -162,6 +167,7 @@ def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str
     forget_indices = record_forget_sets(store, plan)
     store.clean_uncommitted()  # leftovers of an interrupted driver or a killed worker: never committed, never read
     done = store.completed_units()
+    store.verify_units(done[u.id] for u in plan.units if u.id in done)  # a damaged unit is refused, not built on
     missing = [u.id for u in plan.units if u.kind == "import" and u.id not in done]
     if missing:  # the plan and the import disagree on unit ids: a bug, never something to train around
         raise StoreError(f"{len(missing)} imported unit(s) the plan needs are not in {store.uri}: {missing[:3]}")
@@ -450,8 +456,8 @@ def _write_wave(store: RunStore, finished: list[tuple[Unit, object, dict]], bloc
     staging = store.staging_dir()
     try:
         dataset = ray.data.from_arrow_refs([table_ref for _, table_ref, _ in finished])
-        dataset.write_parquet(staging, filesystem=store.fs, partition_cols=["unit"], compression="zstd",
-                              use_dictionary=False, row_group_size=block_size)
+        dataset.write_parquet(staging, filesystem=store.fs, partition_cols=["unit"], row_group_size=block_size,
+                              **PARQUET_WRITE_OPTIONS)
     except RayError as err:
         lost: list[Unit] = []
         for unit, table_ref, _ in finished:

@@ -110,13 +110,15 @@ def _newest(units: list[UnitOutput]) -> list[UnitOutput]:
     return [u for u in units if _code_version(u) == newest]
 
 
-def _check_complete(group: Group, n_expected: int, what: str) -> bool:
+def _check_complete(group: Group, n_expected: int, what: str, skipped: list[str] | None = None) -> bool:
     ids = sorted(i for u in group.units for i in u.meta["model_ids"])
     if len(ids) != len(set(ids)):
         raise StoreError(f"{what}: model ids stored twice ({len(ids)} rows for {len(set(ids))} models)")
     if len(ids) != n_expected:
         log.warning("%s: %d of %d models stored; skipped (rerun `raybench run` to finish it)", what, len(ids),
                     n_expected)
+        if skipped is not None:
+            skipped.append(f"{what}: {len(ids)} of {n_expected} models stored")
         return False
     return True
 
@@ -204,40 +206,58 @@ class _Scoring:
 
 
 def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
-               methods: list[tuple[str, str]] | None = None, parallel: bool | None = None) -> list[dict]:
+               methods: list[tuple[str, str]] | None = None, parallel: bool | None = None,
+               skipped: list[str] | None = None) -> list[dict]:
     """Summary rows for every complete (forget set, method, params) group, or only the ones asked for.
 
     ``methods`` is a list of (method, params JSON); ``do_nothing`` is scored from the originals.
     ``parallel``: run the per-(group, split, chunk) jobs as Ray tasks (True; needs Ray started or
     ``RAY_ADDRESS``), in this process (False), or decide (None: Ray tasks only on a cluster of more than one
     node). Both give the same rows bit for bit: every job is computed by the same code on the same inputs.
+    ``skipped`` (if given) is appended one line per ensemble left out as incomplete, for ``write_summary``.
+    Every file read is first checked against its manifest, and every unit against its forget set's record
+    (``StoreError`` otherwise): a damaged folder gives no numbers rather than wrong ones.
     """
     info = store.run_info()
     identity = info["identity"]
+    for key in ("n_models", "chunk_size"):
+        if not isinstance(identity.get(key), int):
+            raise StoreError(f"{store.path('run.json')} is not a valid run.json: its identity has no {key}")
     n_models, chunk_size = identity["n_models"], identity["chunk_size"]
     n_oracles = identity.get("n_oracles", n_models)  # an import can score N models against more oracles
-    dataset = store.read_json(store.path("dataset.json"))
+    dataset = store.read_record(store.path("dataset.json"), "dataset.json", {"n_train": int, "n_val": int})
     n_split = {"train": dataset["n_train"], "val": dataset["n_val"]}
     role_groups, oracle_groups, method_groups = _groups(store.completed_units())
     original = role_groups["original"]
+    for fs in sorted(({f for f, _, _ in method_groups} | set(store.forget_set_ids())) - set(oracle_groups),
+                     key=_natural):
+        if (forget_sets is None or fs in forget_sets) and skipped is not None:
+            skipped.append(f"oracles of forget set {fs}: none stored")
 
     scorings: list[_Scoring] = []
     for fs in sorted(oracle_groups, key=_natural):
         if forget_sets is not None and fs not in forget_sets:
             continue
         oracle = oracle_groups[fs]
-        if not _check_complete(oracle, n_oracles, f"oracles of forget set {fs}"):
+        if not _check_complete(oracle, n_oracles, f"oracles of forget set {fs}", skipped):
             continue
-        forget_idx = store.read_forget_set(fs)
         candidates = [(original, [0])] + [(g, g.epochs) for (f, _, _), g in sorted(method_groups.items()) if f == fs]
+        chosen = []
         for group, epochs in candidates:
             if methods is not None and (group.method, group.params) not in methods:
                 continue
             what = f"method {group.method} {group.params} on forget set {fs}"
-            if not _check_complete(group, n_models, what):
+            if not _check_complete(group, n_models, what, skipped):
                 continue
+            chosen.append((group, epochs))
+        if not chosen:
+            continue
+        forget_idx = store.check_forget_set(fs, oracle.units + tuple(u for g, _ in chosen if g is not original
+                                                                     for u in g.units))
+        for group, epochs in chosen:
             stored = tuple(None if group is original else e for e in epochs)
             scorings.append(_Scoring(group, oracle, fs, forget_idx, tuple(epochs), stored))
+    store.verify_units(list({u.unit_id: u for sc in scorings for u in sc.group.units + sc.oracle.units}.values()))
 
     jobs: list[ChunkJob] = []
     for sc in scorings:
@@ -315,10 +335,37 @@ def _natural(s: str) -> tuple:
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
-def write_summary(store: RunStore, rows: list[dict]) -> dict:
+def _summary_groups(store: RunStore) -> set[tuple[str, str, str]]:
+    """(forget set, method, params) of every ensemble in the folder's summary.csv (none if there is none)."""
+    path = store.path("summary.csv")
+    if not store.exists(path):
+        return set()
+    reader = csv.DictReader(io.StringIO(store.read_bytes(path).decode(errors="replace")))
+    if not {"forget_set", "method", "params"} <= set(reader.fieldnames or ()):
+        return set()  # not a summary this code wrote: nothing in it to lose
+    return {(r["forget_set"], r["method"], r["params"]) for r in reader}
+
+
+def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | None = None) -> dict:
     """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity, each
     row's wall-clock ``compute_s`` and ``versions`` (``raybench.versions.summary_versions``). Returns what
-    summary.json holds."""
+    summary.json holds.
+
+    Never replaces a summary by one that lacks some of its ensembles, or by an empty one (``StoreError``, the
+    old files left as they were): a reduce of an interrupted import, or of a folder that lost a manifest, must
+    not erase results. ``skipped`` (from ``reduce_run``) says in the error why ensembles are missing.
+    """
+    why = f" ({'; '.join(skipped)})" if skipped else ""
+    if not rows:
+        raise StoreError(f"nothing to summarize in {store.uri}: no complete ensemble{why}; summary files left as "
+                         "they were")
+    lost = _summary_groups(store) - {(r["forget_set"], r["method"], r["params"]) for r in rows}
+    if lost:
+        names = ", ".join(f"{m} {p} on forget set {fs}" for fs, m, p in sorted(lost)[:5])
+        more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+        raise StoreError(f"not overwriting {store.path('summary.csv')}: it has results this reduce could not "
+                         f"compute, {names}{more}{why or ' (their units are incomplete or missing)'}; finish them "
+                         "with `raybench run` (or the import), or delete summary.csv to summarize without them")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -329,4 +376,19 @@ def write_summary(store: RunStore, rows: list[dict]) -> dict:
     summary = {"run": info["run"], "identity": info["identity"], "klom_version": KLOM_VERSION,
                "versions": summary_versions(u.meta for u in store.completed_units().values()), "rows": rows}
     store.write_bytes(store.path("summary.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def read_summary(store: RunStore) -> dict:
+    """summary.json as ``write_summary`` wrote it, for ``raybench report``; refuses anything else in one line."""
+    store.require_folder()
+    path = store.path("summary.json")
+    if not store.exists(path):
+        raise StoreError(f"{store.uri} has no summary.json: run `raybench reduce {store.uri}` first")
+    summary = store.read_record(path, "summary", {"run": str, "klom_version": str, "rows": list})
+    for k, row in enumerate(summary["rows"]):
+        missing = [c for c in SUMMARY_COLUMNS if c not in row] if isinstance(row, dict) else SUMMARY_COLUMNS
+        if missing:
+            raise StoreError(f"{path} is not a valid summary: row {k} has no {missing[0]!r}; rerun "
+                             f"`raybench reduce {store.uri}`")
     return summary

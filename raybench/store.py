@@ -5,15 +5,21 @@ Layout (``<out>`` is a local path, ``file://…``, ``s3://…`` or ``gs://…``)
     <out>/run.json                                   identity: format version, run id, what defines the units
     <out>/margins/forget_set=<fs>/role=<role>/method=<method>/unit=<id>/part-*.parquet
     <out>/manifests/<unit id>.json                   written last: a unit is complete iff its manifest exists
-    <out>/checkpoints/<unit id>.pt                   original models, read by unlearning units
+    <out>/checkpoints/<unit id>.pt, .pt.json         original models, read by unlearning units; size and sha256
     <out>/staging/                                   Ray Data writes here; files are moved into margins/
     <out>/summary.csv, summary.json
+    <out>/run.lock                                   held by the run writing into the folder (``RunStore.lock``)
 
 Why manifests: Ray Data's append mode duplicates rows on a rerun and its overwrite mode is not atomic. A unit's
 files are first written under ``staging/``, then moved into place, and only then is its manifest written; readers
 only read files that a manifest lists, so a half-written unit is never read and a rerun never double-counts.
 What an interrupted run leaves (staging folders, ``*.tmp-*`` files, a unit folder without a manifest) is removed
 by the next run (``clean_uncommitted``, ``commit_unit``).
+
+Why digests: a flipped or truncated byte must never become a number. Each manifest records every file's size and
+sha256 (taken at commit), and the digest of the forget set its unit was computed for; ``verify_units`` checks the
+files before a reducer reads them, and Parquet pages carry CRCs that every read verifies. A unit that fails is
+refused, naming the file and how to recompute it; it is never scored.
 
 Margins rows are ordered (epoch, split, chunk, model) and written with one row group per block of models, so each
 row group is one (epoch, split, chunk) of one unit: the reducer's filter on a chunk decodes only that chunk.
@@ -29,12 +35,18 @@ is read from; it is null where only margins are known (imported models).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
+import socket
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +86,34 @@ MARGINS_SCHEMA = pa.schema(
     ]
 )
 PARTITION_COLUMNS = ("forget_set", "role", "method")
+PARQUET_WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": False, "write_page_checksum": True}
+"""How every margins file is written (Ray Data forwards these to pyarrow): page CRCs, which reads verify."""
+LOCK_FILE = "run.lock"
+DYING_HOLDER_WAIT_S = 30.0
+"""How long a run waits for the lock of a killed run on this host to be released (its process still exiting)."""
+MANIFEST_FIELDS = {"unit": str, "role": str, "forget_set": str, "method": str, "params": str, "model_ids": list,
+                   "epochs": list, "files": list, "file_sizes": list, "file_sha256": list}
+"""What a manifest must hold to be read (``completed_units``); anything less is a damaged file, refused."""
+_HASH_BLOCK = 8 * 2**20
 
 
 class StoreError(ValueError):
     """A run folder that cannot be used as asked (another run, another format version, corrupt files)."""
+
+
+def check_record(record: dict, path: str, what: str, fields: dict[str, type | tuple[type, ...]]) -> dict:
+    """``record`` (read from ``path``) if it has these fields of these types, else a one-line StoreError."""
+    for name, kind in fields.items():
+        if name not in record:
+            raise StoreError(f"{path} is not a valid {what}: it has no {name!r}")
+        value = record[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
+            raise StoreError(f"{path} is not a valid {what}: {name!r} is {type(value).__name__}")
+    return record
+
+
+class FolderInUse(StoreError):
+    """Another run holds the run folder's lock (``RunStore.lock``)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +217,11 @@ def margins_table(
     return pa.Table.from_arrays(arrays, schema=MARGINS_SCHEMA)
 
 
+def forget_set_digest(indices: Iterable[int]) -> str:
+    """What a unit records of the forget set it was computed for: its indices, in their order."""
+    return digest([int(i) for i in indices])
+
+
 class RunStore:
     """A run folder on a ``pyarrow.fs`` filesystem.
 
@@ -190,6 +231,8 @@ class RunStore:
     """
 
     def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+        """Opening a store creates nothing: commands that only read (``reduce``, ``report``) must not leave a
+        folder behind for a mistyped path. Writers create what they write (``lock``, ``write_bytes``, commits)."""
         if filesystem is not None:
             self.uri, self.fs, self.root = uri, filesystem, uri
         else:
@@ -200,7 +243,13 @@ class RunStore:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
                 raise StoreError(f"cannot open output location {uri!r}: {err}") from err
-        self.fs.create_dir(self.root, recursive=True)
+        try:
+            kind = self.fs.get_file_info(self.root).type
+        except OSError as err:
+            raise StoreError(f"cannot open output location {self.uri!r}: {err}") from err
+        if kind == pafs.FileType.File:
+            raise StoreError(f"{self.uri} is a file, not a run folder: give a folder (new or a run's) instead")
+        self._verified: set[tuple[str, int, str]] = set()  # (file, size, sha256) checked by this store
 
     # -- paths ------------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -232,10 +281,28 @@ class RunStore:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def read_json(self, path: str) -> dict:
+        """A JSON object (every JSON file of a run folder is one); anything else is a StoreError naming the file."""
         try:
-            return json.loads(self.read_bytes(path))
-        except json.JSONDecodeError as err:
+            obj = json.loads(self.read_bytes(path))
+        except FileNotFoundError:
+            raise StoreError(f"{path} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StoreError(f"{path} is not valid JSON: {err}") from err
+        except OSError as err:
+            raise StoreError(f"cannot read {path}: {err}") from err
+        if not isinstance(obj, dict):
+            raise StoreError(f"{path} is not a JSON object")
+        return obj
+
+    def read_record(self, path: str, what: str, fields: dict[str, type | tuple[type, ...]]) -> dict:
+        """A JSON object with these fields of these types: a run-folder file that is valid JSON but not what we
+        wrote (``{}`` as a manifest) is refused here with one line, not a KeyError later."""
+        return check_record(self.read_json(path), path, what, fields)
+
+    def require_folder(self) -> None:
+        """Refuse a path that is not an existing folder, before anything is read (or written) there."""
+        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+            raise StoreError(f"{self.uri} does not exist")
 
     # -- run identity -------------------------------------------------------------------------------------------
     def open_run(self, identity: dict, versions: dict | None = None) -> str:
@@ -271,10 +338,11 @@ class RunStore:
         return run_id
 
     def run_info(self) -> dict:
+        self.require_folder()
         path = self.path("run.json")
         if not self.exists(path):
             raise StoreError(f"{self.uri} is not a raybench run folder (no run.json)")
-        info = self.read_json(path)
+        info = self.read_record(path, "run.json", {"run": str, "identity": dict})
         self._check_format(info.get("format_version"), "run.json")
         return info
 
@@ -303,13 +371,36 @@ class RunStore:
         already holds other indices under this id: its stored results mean those, so the caller must refuse."""
         path = self.forget_set_path(set_id)
         if self.exists(path):
-            return self.read_json(path)["indices"] == indices.tolist()
+            return self.read_forget_set(set_id).tolist() == indices.tolist()
         self.write_json(path, {"id": set_id, "description": description, "indices": indices.tolist()})
         return True
 
+    def forget_set_ids(self) -> list[str]:
+        """Ids of the forget sets recorded with the run."""
+        selector = pafs.FileSelector(self.path("forget_sets"), allow_not_found=True)
+        return sorted(info.base_name[: -len(".json")] for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File and info.base_name.endswith(".json"))
+
     def read_forget_set(self, set_id: str) -> np.ndarray:
         """The indices of a forget set recorded with the run, in its own order."""
-        return np.asarray(self.read_json(self.forget_set_path(set_id))["indices"], dtype=np.int64)
+        path = self.forget_set_path(set_id)
+        indices = self.read_record(path, "forget-set record", {"indices": list})["indices"]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise StoreError(f"{path} is not a valid forget-set record: its indices are not all non-negative integers")
+        return np.asarray(indices, dtype=np.int64)
+
+    def check_forget_set(self, set_id: str, units: Iterable[UnitOutput]) -> np.ndarray:
+        """The forget set's recorded indices, after checking that every unit was computed for them: a record
+        replaced by other indices must not be scored as if the stored models had forgotten those."""
+        indices = self.read_forget_set(set_id)
+        expected = forget_set_digest(indices)
+        wrong = sorted(u.unit_id for u in units if u.meta.get("forget_set_digest") != expected)
+        if wrong:
+            raise StoreError(
+                f"{self.forget_set_path(set_id)} holds other indices than {len(wrong)} unit(s) of forget set "
+                f"{set_id} were computed for (e.g. manifests/{wrong[0]}.json): restore the forget set's original "
+                "record, or use a new folder for these indices")
+        return indices
 
     # -- units --------------------------------------------------------------------------------------------------
     def manifest_path(self, unit_id: str) -> str:
@@ -320,27 +411,108 @@ class RunStore:
 
     def completed_units(self) -> dict[str, UnitOutput]:
         """Every committed unit, by id: one listing of the manifests folder, then the manifests read by a few
-        threads (on S3/GCS each read is a round trip; a rerun of thousands of units must not pay them in a row)."""
+        threads (on S3/GCS each read is a round trip; a rerun of thousands of units must not pay them in a row).
+        A damaged manifest is refused (``StoreError``), never skipped: its unit would silently drop out."""
         selector = pafs.FileSelector(self.path("manifests"), allow_not_found=True)
         paths = sorted(info.path for info in self.fs.get_file_info(selector)
                        if info.type == pafs.FileType.File and info.base_name.endswith(".json"))
         with ThreadPoolExecutor(max_workers=min(16, len(paths) or 1)) as pool:
-            metas = list(pool.map(self.read_json, paths))
-        for path, meta in zip(paths, metas, strict=True):
-            self._check_format(meta.get("format_version"), posixpath.relpath(path, self.root))
-        return {meta["unit"]: UnitOutput(meta["unit"], tuple(meta["files"]), meta) for meta in metas}
+            units = list(pool.map(self._read_manifest, paths))
+        return {u.unit_id: u for u in units}
+
+    def _read_manifest(self, path: str) -> UnitOutput:
+        name = posixpath.basename(path)[: -len(".json")]
+        remedy = f"; delete it so that the next `raybench run` (or import) recomputes unit {name}"
+        meta = self.read_json(path)
+        # the format first: a manifest of an older raybench lacks fields, and the user needs to know why
+        self._check_format(meta.get("format_version"), posixpath.relpath(path, self.root))
+        try:
+            check_record(meta, path, "manifest", MANIFEST_FIELDS)
+        except StoreError as err:
+            raise StoreError(f"{err}{remedy}") from None
+        files, sizes, sums = meta["files"], meta["file_sizes"], meta["file_sha256"]
+        problem = (f"it names unit {meta['unit']}" if meta["unit"] != name
+                   else "it lists no files" if not files
+                   else "its file sizes and digests do not match its files" if not len(files) == len(sizes) == len(sums)
+                   else "its files, sizes or digests have the wrong types"
+                   if not (all(isinstance(f, str) for f in files) and all(isinstance(n, int) for n in sizes)
+                           and all(isinstance(h, str) for h in sums))
+                   else "its model ids are not integers" if not all(isinstance(i, int) for i in meta["model_ids"])
+                   else "")
+        if problem:
+            raise StoreError(f"{path} is not a valid manifest: {problem}{remedy}")
+        return UnitOutput(name, tuple(files), meta)
+
+    def file_digest(self, path: str) -> tuple[int, str]:
+        """(size in bytes, sha256 hex) of a file, read once in blocks (memory stays a few MiB)."""
+        h, size = hashlib.sha256(), 0
+        with self.fs.open_input_stream(path) as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)
+                size += len(block)
+        return size, h.hexdigest()
+
+    def verify_units(self, units: Iterable[UnitOutput]) -> None:
+        """Check every file of these units against the size and sha256 its manifest recorded at commit; raise
+        ``StoreError`` naming the first bad file and how to recompute its unit. Each file is checked once per
+        store object (a run's resume and its reduce read them once), by a few threads."""
+        todo = [(u.unit_id, f, n, h) for u in units
+                for f, n, h in zip(u.files, u.meta["file_sizes"], u.meta["file_sha256"], strict=True)
+                if (f, n, h) not in self._verified]
+
+        def check(item: tuple[str, str, int, str]) -> str:
+            _, file, size, sha = item
+            try:
+                got_size, got_sha = self.file_digest(self.path(file))
+            except FileNotFoundError:
+                return "it is missing"
+            except OSError as err:
+                return f"it cannot be read ({err})"
+            if got_size != size:
+                return f"it has {got_size} bytes where its manifest records {size}"
+            return "its content differs from the sha256 its manifest records" if got_sha != sha else ""
+
+        with ThreadPoolExecutor(max_workers=min(8, len(todo) or 1)) as pool:
+            problems = list(pool.map(check, todo))
+        bad = []
+        for item, problem in zip(todo, problems, strict=True):
+            if problem:
+                bad.append((item, problem))
+            else:
+                self._verified.add(item[1:])
+        if bad:
+            (unit_id, file, _, _), problem = bad[0]
+            units_bad = list(dict.fromkeys(item[0] for item, _ in bad))
+            more = f" ({len(bad) - 1} more file(s) of {len(units_bad)} unit(s) are bad too)" if len(bad) > 1 else ""
+            manifests = ", ".join(f"manifests/{u}.json" for u in units_bad[:5]) + (" …" if len(units_bad) > 5 else "")
+            raise StoreError(f"{self.path(file)} of unit {unit_id} is damaged: {problem}{more}; nothing is scored from "
+                             f"it. Delete {manifests} in {self.uri} so that the next `raybench run` (or import) "
+                             "recomputes them")
 
     def commit_unit(self, meta: dict, staged_files: list[str]) -> None:
         """Move a unit's staged files into its margins folder, then write its manifest (the commit point).
 
         Whatever the unit's folder already holds is removed first: with no manifest it can only be the files of
         a commit cut short (a driver killed between the moves and the manifest), which no reader used, but a
-        plain Parquet reader of the hive layout would otherwise count twice.
+        plain Parquet reader of the hive layout would otherwise count twice. The manifest records each file's
+        size and sha256, and (for a unit of a forget set) the digest of the forget-set record it was computed
+        for, taken from ``forget_sets/<id>.json`` unless the writer gives ``forget_set_digest``, which must agree.
         """
         unit_id = meta["unit"]
         target = self.unit_dir(unit_id, meta["forget_set"], meta["role"], meta["method"])
         if self.is_complete(unit_id):
             raise StoreError(f"unit {unit_id} is already committed in {self.uri}")
+        if meta["forget_set"] != "none":
+            path = self.forget_set_path(meta["forget_set"])
+            if not self.exists(path):
+                raise StoreError(f"unit {unit_id}: forget set {meta['forget_set']} is not recorded in {self.uri} "
+                                 "(record_forget_set comes before its units)")
+            recorded = forget_set_digest(self.read_forget_set(meta["forget_set"]))
+            if meta.get("forget_set_digest", recorded) != recorded:
+                raise StoreError(f"unit {unit_id} was computed for other indices of forget set "
+                                 f"{meta['forget_set']} than {path} holds")
+            meta = {**meta, "forget_set_digest": recorded}
+        checks = [self.file_digest(src) for src in staged_files]
         self.remove_dir(target)
         self.fs.create_dir(target, recursive=True)
         files = []
@@ -348,7 +520,10 @@ class RunStore:
             dst = posixpath.join(target, posixpath.basename(src))
             self.fs.move(src, dst)
             files.append(posixpath.relpath(dst, self.root))
-        self.write_json(self.manifest_path(unit_id), {**meta, "files": files, "format_version": FORMAT_VERSION})
+        self.write_json(self.manifest_path(unit_id), {
+            **meta, "files": files, "file_sizes": [n for n, _ in checks], "file_sha256": [h for _, h in checks],
+            "format_version": FORMAT_VERSION})
+        self._verified.update((f, n, h) for f, (n, h) in zip(files, checks, strict=True))
 
     def write_unit(self, meta: dict, table: pa.Table, *, row_group_size: int | None = None) -> None:
         """Write one unit's margins with plain pyarrow and commit it (for writers outside the Ray engine:
@@ -359,7 +534,7 @@ class RunStore:
         path = posixpath.join(staging, "part-0.parquet")
         pq.write_table(table.drop_columns(["unit"]) if "unit" in table.column_names else table, path,
                        filesystem=self.fs, row_group_size=row_group_size or len(meta.get("model_ids", [])) or None,
-                       compression="zstd", use_dictionary=False)
+                       **PARQUET_WRITE_OPTIONS)
         self.commit_unit(meta, [path])
         self.remove_dir(staging)
 
@@ -389,16 +564,133 @@ class RunStore:
         if self.exists(path):
             self.fs.delete_dir(path)
 
+    # -- the writer's lock -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder for one writer at a time (creating the folder): a second run into it is refused
+        at once with one line naming the holder, instead of redoing the same units and failing at commit.
+
+        Local folders (plain paths, ``file://``): ``fcntl.flock`` on ``<out>/run.lock``, which the kernel releases
+        however the holder ends, SIGKILL included, so a killed run never blocks its resume (on NFS, Linux maps
+        flock to NFS byte-range locks). S3, GCS and other pyarrow filesystems have no lock primitive: there the
+        lock is best effort, a ``run.lock`` file naming its owner (host, pid, time), written when absent and
+        deleted on release. A file left by a dead run is taken over when it names this host and a pid no longer
+        running here, and otherwise refused with the advice to delete it; two runs starting within the same
+        moment can both pass.
+
+        On an error, a folder this call created is removed again if it holds nothing but run metadata
+        (``run.json``, ``dataset.json``, forget sets): a refused run leaves no empty folder behind.
+        """
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        created = _missing_ancestor(self.root) if local else None if self.exists(self.root) else self.root
+        try:
+            try:
+                self.fs.create_dir(self.root, recursive=True)
+            except OSError as err:
+                raise StoreError(f"cannot create the run folder {self.uri}: {err}") from err
+            release = self._lock_local() if local else self._lock_remote()
+        except FolderInUse:
+            raise  # the folder is the holder's, whoever created it
+        except BaseException:
+            if created is not None:
+                self._remove_if_unused(created)
+            raise
+        try:
+            yield
+        except BaseException:
+            if created is not None:
+                self._remove_if_unused(created)
+            raise
+        finally:
+            release()
+
+    def _lock_local(self) -> Callable[[], None]:
+        import fcntl
+
+        path = os.path.join(self.root, LOCK_FILE)
+        deadline = time.monotonic() + DYING_HOLDER_WAIT_S
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise StoreError(f"cannot lock {self.uri} for writing ({path}: {err})") from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raw = os.pread(fd, 4096, 0)
+                os.close(fd)
+                if _dying(raw) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # a killed holder whose last threads are still exiting: released soon
+                    continue
+                raise FolderInUse(f"{self.uri} is in use by another raybench run ({_describe_holder(raw)}): wait "
+                                 "for it to finish, or use another --out") from None
+            try:  # the file may have been removed (an empty folder cleaned up) between open and flock
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_owner()).encode(), 0)
+        return lambda: os.close(fd)  # closing the descriptor releases the lock
+
+    def _lock_remote(self) -> Callable[[], None]:
+        path = self.path(LOCK_FILE)
+        if self.exists(path):
+            try:
+                other = self.read_json(path)
+            except StoreError:
+                other = {}
+            stale = other.get("host") == socket.gethostname() and not _pid_alive(other.get("pid"))
+            if not stale:
+                raise FolderInUse(f"{self.uri} is in use by another raybench run ({_describe_holder(other)}): wait "
+                                 f"for it to finish, or use another --out; if no run is writing there, delete {path}")
+            log.warning("taking over %s, left by a run that is no longer running (%s)", path, _describe_holder(other))
+        me = _owner()
+        self.write_json(path, me)
+
+        def release() -> None:
+            try:
+                if self.read_json(path).get("token") == me["token"]:
+                    self.fs.delete_file(path)
+            except (StoreError, OSError):
+                pass  # removed with the folder it was in, or taken over
+
+        return release
+
+    def _remove_if_unused(self, top: str) -> None:
+        """Delete ``top`` (the run folder or the first folder above it that the writer created) if every file
+        under it is run metadata of the run folder: nothing computed is ever removed."""
+        metadata = {"run.json", "dataset.json", LOCK_FILE}
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(top, recursive=True, allow_not_found=True))
+            for info in infos:
+                if info.type != pafs.FileType.File:
+                    continue
+                rel = posixpath.relpath(info.path, self.root)
+                if rel not in metadata and not (rel.startswith("forget_sets/") and rel.count("/") == 1
+                                                and ".tmp-" not in rel):
+                    return
+            self.fs.delete_dir(top)
+        except OSError as err:  # cleaning up must not hide the error that stopped the run
+            log.warning("could not remove %s after the run stopped: %s", top, err)
+
     # -- checkpoints --------------------------------------------------------------------------------------------
     def checkpoint_path(self, unit_id: str) -> str:
         return self.path("checkpoints", f"{unit_id}.pt")
 
     def write_checkpoint(self, unit_id: str, state: dict) -> None:
+        """The checkpoint and, written first, its size and sha256 (``<id>.pt.json``): torch.load does not notice
+        flipped bytes, and unlearning from a damaged checkpoint would give wrong numbers silently."""
         import torch
 
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        self.write_bytes(self.checkpoint_path(unit_id), buffer.getvalue())
+        data = buffer.getvalue()
+        path = self.checkpoint_path(unit_id)
+        self.write_json(f"{path}.json", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        self.write_bytes(path, data)
 
     def read_checkpoint(self, unit_id: str) -> dict:
         import torch
@@ -406,7 +698,17 @@ class RunStore:
         path = self.checkpoint_path(unit_id)
         if not self.exists(path):
             raise StoreError(f"checkpoint of unit {unit_id} is missing from {self.uri}")
-        return torch.load(io.BytesIO(self.read_bytes(path)), map_location="cpu", weights_only=True)
+        data = self.read_bytes(path)
+        remedy = (f"; delete it and manifests/{unit_id}.json in {self.uri} so that the next `raybench run` (or "
+                  "import) recomputes them")
+        try:
+            record = self.read_record(f"{path}.json", "checkpoint digest", {"size": int, "sha256": str})
+        except StoreError as err:
+            raise StoreError(f"checkpoint {path} cannot be verified: {err}{remedy}") from None
+        if len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise StoreError(f"checkpoint {path} is damaged: it differs from the size and sha256 recorded when it "
+                             f"was written{remedy}")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     # -- reading margins ----------------------------------------------------------------------------------------
     def read_margins(self, units: Iterable[UnitOutput], *, split: str, chunk: int | None = None,
@@ -429,9 +731,82 @@ class RunStore:
             filters.append(("chunk", "=", chunk))
         if epoch is not None:
             filters.append(("epoch", "=", epoch))
-        return pq.read_table(paths, filesystem=self.fs, filters=filters, partitioning=None,
-                             columns=["model_id", "seed", "epoch", "chunk", "sample_start", "margins",
-                                      "top1_margins"])
+        columns = ["model_id", "seed", "epoch", "chunk", "sample_start", "margins", "top1_margins"]
+        try:
+            return pq.read_table(paths, filesystem=self.fs, filters=filters, partitioning=None, columns=columns,
+                                 page_checksum_verification=True)
+        except (pa.ArrowInvalid, OSError) as err:
+            if isinstance(err, OSError) and not _damaged(err):
+                raise  # an I/O failure (a network hiccup), which Ray tasks retry: not the file's fault
+            bad = next((p for p in paths if not _readable(self.fs, p)), paths[0])
+            unit = posixpath.basename(posixpath.dirname(bad)).removeprefix("unit=")
+            raise StoreError(f"{bad} cannot be read as margins ({err}); nothing is scored from it. Delete "
+                             f"manifests/{unit}.json in {self.uri} so that the next `raybench run` (or import) "
+                             "recomputes it") from err
+
+
+def _damaged(err: OSError) -> bool:
+    """Whether a pyarrow OSError says the bytes are wrong (a page CRC, a missing file), not that I/O failed."""
+    return isinstance(err, FileNotFoundError) or "checksum" in str(err).lower() or "integrity" in str(err).lower()
+
+
+def _readable(fs: pafs.FileSystem, path: str) -> bool:
+    try:
+        pq.read_table(path, filesystem=fs, partitioning=None, page_checksum_verification=True)
+    except (pa.ArrowInvalid, OSError):
+        return False
+    return True
+
+
+def _missing_ancestor(path: str) -> str | None:
+    """The topmost folder of ``path`` (itself included) that does not exist yet, or None: what creating it adds."""
+    top = None
+    while not os.path.exists(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
+
+
+def _owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex,
+            "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def _describe_holder(raw: bytes | dict) -> str:
+    try:
+        owner = raw if isinstance(raw, dict) else json.loads(raw)
+        return f"pid {owner['pid']} on host {owner['host']}, since {owner['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _pid_alive(pid: object) -> bool:
+    """Whether ``pid`` runs on this host; a zombie does not (SIGKILL makes the main thread one at once, while
+    threads stuck in I/O still hold the process's files for a moment)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume it runs, and say how to remove the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): it answered the signal, so it exists
+
+
+def _dying(raw: bytes) -> bool:
+    """Whether a lock file names a process of this host that is no longer running (a killed run, exiting)."""
+    try:
+        owner = json.loads(raw)
+        return owner["host"] == socket.gethostname() and not _pid_alive(owner["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def margins_matrix(table: pa.Table, column: str = "margins") -> np.ndarray:

@@ -215,6 +215,7 @@ def test_a_half_committed_unit_is_overwritten_not_duplicated(tmp_path):
     store = RunStore(str(tmp_path))
     rng = np.random.default_rng(1)
     store.open_run({"n_models": N_MODELS, "chunk_size": CHUNK})
+    store.record_forget_set("a", "test", np.asarray(FORGET["a"]))
     _unit(store, rng, role="oracle", forget_set="a", method="none", epochs=[1], ids=range(2), shift=0)
     [unit] = store.completed_units().values()
     folder = tmp_path / unit.files[0].rpartition("/")[0]
