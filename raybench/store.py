@@ -92,7 +92,7 @@ LOCK_FILE = "run.lock"
 DYING_HOLDER_WAIT_S = 30.0
 """How long a run waits for the lock of a killed run on this host to be released (its process still exiting)."""
 MANIFEST_FIELDS = {"unit": str, "role": str, "forget_set": str, "method": str, "params": str, "model_ids": list,
-                   "epochs": list, "files": list, "file_sizes": list, "file_sha256": list}
+                   "epochs": list, "files": list, "file_sizes": list, "file_sha256": list, "format_version": int}
 """What a manifest must hold to be read (``completed_units``); anything less is a damaged file, refused."""
 _HASH_BLOCK = 8 * 2**20
 
@@ -424,8 +424,8 @@ class RunStore:
         name = posixpath.basename(path)[: -len(".json")]
         remedy = f"; delete it so that the next `raybench run` (or import) recomputes unit {name}"
         meta = self.read_json(path)
-        # the format first: a manifest of an older raybench lacks fields, and the user needs to know why
-        self._check_format(meta.get("format_version"), posixpath.relpath(path, self.root))
+        if "format_version" in meta:  # first: a manifest of an older raybench lacks fields, and says why
+            self._check_format(meta["format_version"], posixpath.relpath(path, self.root))
         try:
             check_record(meta, path, "manifest", MANIFEST_FIELDS)
         except StoreError as err:
