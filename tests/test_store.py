@@ -105,6 +105,7 @@ def test_top1_margins_are_chunked_like_the_margins_and_null_when_not_given():
 def test_top1_matrix_reads_stored_top1_and_none_where_unknown(tmp_path):
     store = RunStore(str(tmp_path))
     store.open_run({"n_models": N_MODELS, "chunk_size": CHUNK})
+    store.record_forget_set("a", "test", np.asarray(FORGET["a"]))  # units are committed for a recorded set
     rng = np.random.default_rng(3)
     _unit(store, rng, role="oracle", forget_set="a", method="none", epochs=[1], ids=range(3), shift=0)
     _unit(store, rng, role="original", forget_set="none", method="none", epochs=[1], ids=range(3), shift=0,
