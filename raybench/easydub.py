@@ -1,7 +1,7 @@
 """EasyDUB's published CIFAR-10 / ResNet-9 data: margins into a raybench run folder, checkpoints into a stack.
 
-The hub data set ``easydub/EasyDUB-dataset`` (METHODS.md §5.2) holds 200 pretrain ResNet-9s (trained on all 50,000
-train images) and 200 oracles per forget set (retrained without it), all after 24 epochs ("epoch_23", 0-based),
+The hub data set ``easydub/EasyDUB-dataset`` (docs/methods.md#hub-layouts) holds 200 pretrain ResNet-9s (trained on all
+50,000 train images) and 200 oracles per forget set (retrained without it), all after 24 epochs ("epoch_23", 0-based),
 with their margins. ``import_easydub`` turns them into the run-folder layout of ``raybench.store``, so that
 ``raybench reduce`` scores the do-nothing baseline, and later any method, against published oracles without
 training one. Hub paths (``X`` = model id 0..199, ``Z`` = forget set)::

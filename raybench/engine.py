@@ -1,8 +1,8 @@
 """Plan → Ray execution → store: the only module that talks to Ray core.
 
 * A pool of worker actors (one GPU each when the cluster has GPUs, else fractional CPUs so that Ray Data always
-  finds a free CPU, RAY.md §5.1) keeps the data set resident and runs one *unit* (a stacked block of models) per
-  call. Calls return two objects: the unit's margins as an Arrow table and its metadata. The data set is the
+  finds a free CPU, docs/design.md#actors-and-cpus) keeps the data set resident and runs one *unit* (a stacked block of
+  models) per call. Calls return two objects: the unit's margins as an Arrow table and its metadata. The data set is the
   driver's loaded copy, put in the object store once: worker nodes need no data root.
 * An EasyDUB run (``easydub_source``) first imports the published models on the driver (``import_published``);
   its plan then holds only unlearn units to run.
@@ -10,15 +10,16 @@
   written to Parquet (``partition_cols=["unit"]``) under ``staging/``; each unit is then committed (moved into
   its hive folder, manifest written last). Writing happens in waves while the actors keep training.
 * Faults: actors restart (``max_restarts``) but never re-run a crashing call (``max_task_retries=0``, the poison
-  pill of RAY.md §6); the driver resubmits a unit whose actor died, up to ``MAX_ATTEMPTS`` times, and replaces an
-  actor that has used up its restarts. A wave whose results were lost with their node is recomputed. An
-  exception raised by the unit's own code is not retried: it is recorded and reported, and every other unit
-  still runs.
+  pill of docs/design.md#faults-and-retries); the driver resubmits a unit whose actor died, up to ``MAX_ATTEMPTS``
+  times, and replaces an actor that has used up its restarts. A wave whose results were lost with their node is
+  recomputed. An exception raised by the unit's own code is not retried: it is recorded and reported, and every other
+  unit still runs.
 * Determinism: a unit's output depends only on the unit (its seeds) and the torch thread count, which is fixed by
   the cluster's shape, never by how many units are left, so a resumed or retried unit reproduces the bits of an
   undisturbed run.
 * Resume: units whose manifest exists are not planned again.
-* Reduce: ``map_tasks`` runs the reducer's per-(group, split, chunk) jobs as plain Ray tasks (RAY.md §8).
+* Reduce: ``map_tasks`` runs the reducer's per-(group, split, chunk) jobs as plain Ray tasks
+  (docs/design.md#reduce-tasks).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class RunReport:
 
 
 def prepare_ray_environment() -> None:
-    """Environment Ray reads at import/start: set before ``import ray`` (RAY.md §4, §13)."""
+    """Environment Ray reads at import/start: set before ``import ray`` (docs/design.md#auth-mode,
+    docs/design.md#connecting)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
@@ -107,7 +109,7 @@ def start_ray(config: RunConfig | None = None, verbose: bool = False) -> bool:
     address = config.address or os.environ.get("RAY_ADDRESS")
     common = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     if address:
-        ray.init(address=address, **common)  # no resource arguments when connecting (RAY.md §3)
+        ray.init(address=address, **common)  # no resource arguments when connecting (docs/design.md#connecting)
     else:
         ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus, include_dashboard=False,
                  **common)
@@ -227,7 +229,7 @@ def import_published(config: RunConfig, dataset: Dataset, store: RunStore) -> di
 
 
 def _worker_options(n_units: int) -> tuple[int, dict, int]:
-    """How many workers, their resource options, and torch threads each (RAY.md §5).
+    """How many workers, their resource options, and torch threads each (docs/design.md#actors-and-cpus).
 
     The thread count depends on the cluster alone, not on ``n_units``: CPU results can change with the number
     of threads, and a resumed run (few units left) must reproduce the bits of an uninterrupted one.
@@ -241,7 +243,8 @@ def _worker_options(n_units: int) -> tuple[int, dict, int]:
         return min(gpus, n_units), {"num_gpus": 1, "num_cpus": 1}, max(1, int(cpus // max(gpus, 1)) - 1)
     slots = max(1, int(cpus))
     n = min(slots, n_units)
-    # Hold less than all CPUs so Ray Data's tasks can always be scheduled (the silent deadlock of RAY.md §5.1).
+    # Hold less than all CPUs so Ray Data's tasks can always be scheduled (the silent deadlock of
+    # docs/design.md#actors-and-cpus).
     per_worker = max(0.0, (cpus - 1) / n)
     return n, {"num_cpus": round(per_worker, 4)}, max(1, int(cpus // slots))
 
@@ -484,10 +487,11 @@ def _write_wave(store: RunStore, finished: list[tuple[Unit, object, dict]], bloc
 def map_tasks(fn: Callable, items: list, *, max_in_flight: int | None = None) -> Iterator:
     """``fn(*item)`` for every item as plain Ray tasks; yields the results in item order (needs Ray started).
 
-    For the reducer: one small task per (group, split, chunk) reading only its files (RAY.md §8, never Ray Data
-    groupby). Tasks are retried on worker loss and on ``OSError`` (object-store hiccups, RAY.md §6). At most
-    ``max_in_flight`` (default: the cluster's CPUs) run at once and no task starts more than twice that far
-    ahead of the next result to yield, so the driver holds a bounded number of results however many jobs.
+    For the reducer: one small task per (group, split, chunk) reading only its files (docs/design.md#reduce-tasks, never
+    Ray Data groupby). Tasks are retried on worker loss and on ``OSError`` (object-store hiccups,
+    docs/design.md#faults-and-retries). At most ``max_in_flight`` (default: the cluster's CPUs) run at once and no task
+    starts more than twice that far ahead of the next result to yield, so the driver holds a bounded number of results
+    however many jobs.
     """
     import ray
 
@@ -535,7 +539,8 @@ class _Worker:
         import torch
 
         torch.set_num_threads(threads)
-        device = "cuda" if ray.get_gpu_ids() else "cpu"  # explicit: CPU workers must not grab GPU 0 (RAY.md §5.2)
+        # explicit: CPU workers must not grab GPU 0 (docs/design.md#actors-and-cpus)
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.ctx = UnitContext.create(**ctx_kwargs, device=device)
 
     def ping(self) -> bool:

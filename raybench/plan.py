@@ -7,7 +7,7 @@ Units:
   depends on the ``train`` unit of those originals (it loads their checkpoint).
 * ``train`` with role ``matching_oracle`` — for oracle-matching methods only: oracles trained on the retain set
   with their own seeds, so the oracles a method fine-tunes against are never the ones that score it
-  (METHODS.md §3.3); unlearn units of such methods also depend on them.
+  (docs/methods.md#oracle_matching); unlearn units of such methods also depend on them.
 
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
 A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed. That

@@ -6,7 +6,7 @@ models and the samples of a split; it is left empty where some model's top-1 mar
 Reads the run folder alone (``raybench reduce OUT`` needs nothing else) and never retrains. The work is a list of
 jobs, one per (ensemble, split, sample chunk); each reads only its chunk of its files with pyarrow filters, so
 memory holds one chunk of every model, not the run. The jobs run in this process, or as plain Ray tasks on a
-cluster of several nodes (RAY.md §8: not Ray Data groupby, which shuffles everything). The retain
+cluster of several nodes (docs/design.md#reduce-tasks: not Ray Data groupby, which shuffles everything). The retain
 and forget splits are the columns of the stored ``train`` split outside / inside the forget set; the forget
 split keeps the forget set's own order.
 """

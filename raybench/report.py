@@ -2,8 +2,8 @@
 ``report.html`` with ``plots/*.png`` (P95 KLOM per split; effect against cost per forget set).
 
 P95 KLOM is the headline (lower is better; about 0.6-0.8 at N=100 is the noise floor of two independent
-ensembles, METHODS.md §1.6); accuracies show what the method cost, and ``work`` its compute: samples per model
-forwarded with gradients (``grad_samples``; retraining costs epochs × retain size).
+ensembles, docs/metrics.md#noise-floor); accuracies show what the method cost, and ``work`` its compute: samples per
+model forwarded with gradients (``grad_samples``; retraining costs epochs × retain size).
 """
 
 from __future__ import annotations

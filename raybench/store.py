@@ -26,8 +26,8 @@ row group is one (epoch, split, chunk) of one unit: the reducer's filter on a ch
 
 Margins rows (one per model × split × epoch × chunk): ``split`` is ``train`` or ``val`` and chunks are fixed-size
 ranges of sample ids, so every model's row covers the same ids whatever its forget set. The retain and forget
-splits of DESIGN.md are views the reducer takes with the forget set's indices: originals are then stored once for
-all forget sets, and a new forget set can be scored against existing originals. Next to ``margins``
+splits of docs/design.md#splits-and-sample-ids are views the reducer takes with the forget set's indices: originals are
+then stored once for all forget sets, and a new forget set can be scored against existing originals. Next to ``margins``
 (``z_y - logsumexp_{j≠y} z_j``, what KLOM compares) each row holds ``top1_margins`` (``z_y - max_{j≠y} z_j``,
 from the same forward pass: > 0 iff the model's top-1 prediction is right, a tie counting as wrong), what accuracy
 is read from; it is null where only margins are known (imported models).

@@ -2,7 +2,7 @@
 
 This is the base training of raybench: originals are trained on the full train set and oracles on the retain
 set with the same recipe, so any difference between the two ensembles comes from the forget set alone. The
-recipe follows the KLOM benchmark (METHODS.md §2): SGD with momentum and weight decay, a per-iteration
+recipe follows the KLOM benchmark (docs/methods.md#recipes): SGD with momentum and weight decay, a per-iteration
 triangular learning-rate schedule that starts at exactly 0, a fresh random permutation per model per epoch,
 and the last partial batch kept.
 
@@ -91,7 +91,7 @@ _DEFAULT_RECIPES: dict[tuple[str, str], Recipe] = {
     ("digits", "cnn"): Recipe(
         epochs=10, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_fraction=0.25
     ),
-    # The KLOM benchmark's CIFAR-10 ResNet-9 (METHODS.md §2, DUB train.py): 24 epochs of 196 steps, the lr
+    # The KLOM benchmark's CIFAR-10 ResNet-9 (docs/methods.md#recipes, DUB train.py): 24 epochs of 196 steps, the lr
     # peaking at 0.4 after 5 epochs; momentum stays 0.9 (EasyDUB's OneCycleLR cycles it, §8 item 6).
     ("cifar10", "resnet9"): Recipe(
         epochs=24, batch_size=256, lr=0.4, momentum=0.9, weight_decay=5e-4, warmup_fraction=5 / 24
@@ -215,7 +215,7 @@ def train_stack(
 
 def margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Margins ``z_y - logsumexp_{j≠y} z_j`` of logits ``(M, B, C)`` for labels ``(B,)`` (or ``(M, B)``), as
-    ``(M, B)`` float32. The one definition of a margin in raybench (METHODS.md §1.1): computed in float32 even
+    ``(M, B)`` float32. The one definition of a margin in raybench (docs/design.md#margins): computed in float32 even
     for bf16/fp16 logits, with the true class masked to -inf rather than subtracted, which stays exact when
     p_y is close to 1."""
     z = logits.float()

@@ -1,4 +1,4 @@
-"""One small local Ray per test session (RAY.md §11), started only if a test asks for it."""
+"""One small local Ray per test session (docs/design.md#connecting), started only if a test asks for it."""
 
 import os
 import sys

@@ -1,4 +1,4 @@
-"""A slow, literal restatement of the published KLOM algorithm (METHODS.md §1.2), one sample at a time.
+"""A slow, literal restatement of the published KLOM algorithm (docs/metrics.md#klom), one sample at a time.
 
 Kept deliberately naive: it is the yardstick the fast implementation is compared with, bit for bit.
 """

@@ -93,7 +93,8 @@ def test_methods_run_on_published_originals_against_published_oracles(hub, cifar
     assert kinds == [("import", "matching_oracle"), ("import", "oracle"), ("import", "original"),
                      ("unlearn", "unlearned")]  # not a single model trained
     matching = sorted(i for u in units.values() if u.meta["role"] == "matching_oracle" for i in u.meta["model_ids"])
-    assert matching == [2, 3]  # hub oracles beyond the scoring ones (0, 1): disjoint, as METHODS.md §3.3 demands
+    # hub oracles beyond the scoring ones (0, 1): disjoint, as docs/methods.md#oracle_matching demands
+    assert matching == [2, 3]
 
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["rows"]

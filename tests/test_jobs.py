@@ -24,7 +24,7 @@ def test_job_configs_are_valid_and_plan(path):
 
 
 def test_cluster_yaml_passes_rays_own_validation():
-    # A private API of the pinned Ray 2.60 (RAY.md §10): the same checks `ray up` runs, offline.
+    # A private API of the pinned Ray 2.60 (docs/design.md#jobs-and-clusters): the same checks `ray up` runs, offline.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())

@@ -1,4 +1,4 @@
-"""KLOM must equal the published reference bit for bit (METHODS.md §1.2), and fail loudly on bad input."""
+"""KLOM must equal the published reference bit for bit (docs/metrics.md#klom), and fail loudly on bad input."""
 
 import importlib
 import math

@@ -1,4 +1,4 @@
-"""Unlearning methods (METHODS.md §3): each moves the models the way it should, per model, at the asked epochs.
+"""Unlearning methods (docs/methods.md): each moves the models the way it should, per model, at the asked epochs.
 
 One small world for the whole module: digits, 3 originals trained with the default recipe on all train data,
 3 oracles trained on the retain set of forget set "3" (40 atypical eights: the originals are confident on them,
@@ -103,7 +103,7 @@ def test_every_method_is_documented_and_parameterised():
     for name in ALL_METHODS[1:]:
         m = methods[name]
         assert m.fn is not None and m.fn.__doc__, name
-        assert name == "finetune" or "METHODS.md §3" in m.fn.__doc__, name
+        assert name == "finetune" or "docs/methods.md" in m.fn.__doc__, name
         assert m.description and "\n" not in m.description
         assert m.defaults and not any(isinstance(v, list) for v in m.defaults.values()), name  # lists would sweep
         assert m.default_epochs and all(e >= 1 for e in m.default_epochs)

@@ -1,4 +1,4 @@
-"""The stacked ResNet-9 must be exactly M published ResNet-9s (METHODS.md §2), only run as one module."""
+"""The stacked ResNet-9 must be exactly M published ResNet-9s (docs/methods.md#recipes), only run as one module."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""CIFAR-10 as the KLOM benchmark uses it (METHODS.md §2): torchvision's files, no augmentation, fixed normalisation.
+"""CIFAR-10 as the KLOM benchmark uses it (docs/methods.md#recipes): torchvision's files, no augmentation, fixed
+normalisation.
 
 train = the 50,000 training images and val = the 10,000 test images, in torchvision's order, so sample id ``i`` is
 row ``i`` of each array (``source_* = arange``): the same ids as EasyDUB's forget sets and published margins.

@@ -69,7 +69,7 @@ def _easydub_file(set_id: str) -> Callable[[Dataset], np.ndarray]:
     return build
 
 
-# The ten CIFAR-10 sets of the KLOM benchmark (METHODS.md §5.1); the sizes come from the files themselves.
+# The ten CIFAR-10 sets of the KLOM benchmark (docs/methods.md#forget-sets); the sizes come from the files themselves.
 _CIFAR10_SETS = {
     "1": "10 random train samples",
     "2": "100 random train samples",

@@ -1,5 +1,5 @@
-"""Gradient-ascent family (METHODS.md §3.1 and §3.6): push the loss on the forget set up, optionally while
-holding the retain set down.
+"""Gradient-ascent family (docs/methods.md#gradient_ascent, #ascent_descent, #neggrad_plus): push the loss on the forget
+set up, optionally while holding the retain set down.
 
 These are the KLOM benchmark's simplest baselines. Ascent alone (``gradient_ascent``) is known to trade forget
 quality against everything else; the descent variants (``ascent_descent``, ``neggrad_plus``) add retain-set CE
@@ -35,7 +35,7 @@ def _ce_pass(stack: StackedModel, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 def gradient_ascent(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int],
                     seed: int) -> Snapshots:
-    """NegGrad (METHODS.md §3.1 ``ascent_forget``): each epoch, one pass over F minimising −CE.
+    """NegGrad (docs/methods.md#gradient_ascent; DUB ``ascent_forget``): each epoch, one pass over F minimising −CE.
 
     Plain SGD (no momentum, no weight decay) as in the KLOM benchmark; the models stay in train mode. F is
     shuffled per model each epoch (EasyDUB, §3.2) rather than read in index order (DUB).
@@ -52,7 +52,7 @@ def gradient_ascent(stack: StackedModel, data: UnlearnData, params: dict, epochs
 
 def ascent_descent(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int],
                    seed: int) -> Snapshots:
-    """GA+GD (METHODS.md §3.1 ``ascent_descent``): at epoch t, if t ≤ ``ascent_epochs`` one ascent pass over
+    """GA+GD (docs/methods.md#ascent_descent): at epoch t, if t ≤ ``ascent_epochs`` one ascent pass over
     F (−CE), then always one descent pass over R (CE).
 
     Plain SGD with one optimiser for both passes, as in the benchmark; the descent pass repairs the damage the
@@ -75,8 +75,8 @@ def ascent_descent(stack: StackedModel, data: UnlearnData, params: dict, epochs:
 
 def neggrad_plus(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int],
                  seed: int) -> Snapshots:
-    """NegGrad+ (METHODS.md §3.6 ``NG``): retain batches zipped with a cycled stream of forget batches, each
-    step minimising α·CE_R − (1−α)·CE_F.
+    """NegGrad+ (docs/methods.md#neggrad_plus; RUM ``NG``): retain batches zipped with a cycled stream of forget
+    batches, each step minimising α·CE_R − (1−α)·CE_F.
 
     RUM's shared optimiser (SGD, momentum 0.9, weight decay 5e-4, constant lr). An epoch is one pass over R;
     F restarts (reshuffled) whenever it runs out, so every retain step also sees forget samples.

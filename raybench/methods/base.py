@@ -35,7 +35,7 @@ class UnlearnData:
     num_classes: int
     recipe: Recipe  # the base training recipe (methods scale their defaults from it)
     # For oracle-matching methods only: K oracles trained on the retain set, *disjoint* from the oracles that
-    # score KLOM (METHODS.md §3.3), as one stack. None unless the method declares ``needs_oracles``.
+    # score KLOM (docs/methods.md#oracle_matching), as one stack. None unless the method declares ``needs_oracles``.
     oracles: StackedModel | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""Built-in unlearning methods (METHODS.md §3), each written once against the stacked representation."""
+"""Built-in unlearning methods (docs/methods.md), each written once against the stacked representation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Influence unlearning with a WoodFisher inverse-Fisher estimate (METHODS.md §3.6 ``wfisher`` / IU).
+"""Influence unlearning with a WoodFisher inverse-Fisher estimate (docs/methods.md#influence; RUM ``wfisher`` / IU).
 
 One Newton-like step that removes F's first-order contribution to the weights: the difference between the
 forget and retain gradients, preconditioned by an inverse empirical Fisher built from per-sample retain
@@ -54,7 +54,7 @@ def _per_sample_gradients(stack: StackedModel, x: torch.Tensor, y: torch.Tensor)
 
 
 def woodfisher_direction(stack: StackedModel, data: UnlearnData, params: dict, seed: int) -> list[torch.Tensor]:
-    """k ≈ F⁻¹(g_F − g_R) per model (METHODS.md §3.6 IU steps 1–2), shaped like the stack's parameters.
+    """k ≈ F⁻¹(g_F − g_R) per model (docs/methods.md#influence, steps 1–2), shaped like the stack's parameters.
 
     g_F = Σ_F ∇ℓ/(n_F + n_R) and g_R = n_F/(n_F + n_R)·mean_R ∇ℓ, in eval mode at the current weights. The
     recursion starts from k = g_F − g_R and o = g_1 and, for each further per-sample retain gradient g, does
@@ -95,7 +95,7 @@ def woodfisher_direction(stack: StackedModel, data: UnlearnData, params: dict, s
 
 
 def influence(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int], seed: int) -> Snapshots:
-    """IU / WoodFisher (METHODS.md §3.6): θ ← θ + α·k with k = ``woodfisher_direction``, a single step.
+    """IU / WoodFisher (docs/methods.md#influence): θ ← θ + α·k with k = ``woodfisher_direction``, a single step.
 
     Yields once, under the single requested epoch (default 1): there is no trajectory to snapshot.
     """

@@ -1,5 +1,5 @@
-"""Oracle Matching (METHODS.md §3.3, DMMc ``oracle_matching``): regress the originals' logits onto those of
-oracles retrained without F, on F and a sample of R.
+"""Oracle Matching (docs/methods.md#oracle_matching, DMMc ``oracle_matching``): regress the originals' logits onto those
+of oracles retrained without F, on F and a sample of R.
 
 OM uses no true labels: the oracles' outputs are the target. Its oracles must be *disjoint* from the oracles
 that score KLOM (§3.3, §8 item 7): the engine passes a separate set as ``data.oracles``.
@@ -57,8 +57,8 @@ def oracle_targets(oracles: StackedModel, x: torch.Tensor, batch_size: int = 409
 
 def oracle_matching(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int],
                     seed: int) -> Snapshots:
-    """OM (METHODS.md §3.3): fine-tune each model on ``matching_indices`` minimising MSE(student logits, mean
-    oracle logits), mean over batch × classes, summed over models; Adam(lr, weight decay), ExponentialLR(γ)
+    """OM (docs/methods.md#oracle_matching): fine-tune each model on ``matching_indices`` minimising MSE(student logits,
+    mean oracle logits), mean over batch × classes, summed over models; Adam(lr, weight decay), ExponentialLR(γ)
     stepped per epoch, student in train mode.
 
     Needs ``data.oracles``: ``num_oracles`` models with ``pairing="mean"``, one per student (in the stack's

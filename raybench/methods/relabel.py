@@ -1,4 +1,4 @@
-"""Random-label fine-tuning and SalUn (METHODS.md §3.6 ``RL_og`` and ``RL``).
+"""Random-label fine-tuning and SalUn (docs/methods.md#random_label, docs/methods.md#salun; RUM ``RL_og`` and ``RL``).
 
 Both train on F with freshly drawn random labels, mixed with R under its true labels: the random labels wipe out
 what the models learned about F, the retain data keeps the rest. SalUn restricts the update to the weights most
@@ -52,15 +52,15 @@ def _random_label_training(stack: StackedModel, data: UnlearnData, params: dict,
 
 def random_label(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int],
                  seed: int) -> Snapshots:
-    """Random-label fine-tuning (METHODS.md §3.6 ``RL_og``): CE on F with fresh uniform labels each epoch ∪ R,
-    with RUM's SGD (momentum, weight decay, constant lr)."""
+    """Random-label fine-tuning (docs/methods.md#random_label; RUM ``RL_og``): CE on F with fresh uniform labels each
+    epoch ∪ R, with RUM's SGD (momentum, weight decay, constant lr)."""
     yield from _random_label_training(stack, data, params, epochs, seed)
 
 
 def forget_saliency(stack: StackedModel, data: UnlearnData, batch_size: int, seed: int) -> list[torch.Tensor]:
     """SalUn's saliency: Σ over F batches of ∇θ[−CE(batch mean)], all at the originals' θ0, in eval mode.
 
-    Nothing is stepped while accumulating (RUM steps θ between batches, METHODS.md §3.6 and §8 item 4). Returns
+    Nothing is stepped while accumulating (RUM steps θ between batches, docs/methods.md#not-copied). Returns
     one tensor per parameter, shaped like it (leading model dimension), so every model's saliency is its own.
     """
     params = list(stack.parameters())
@@ -82,7 +82,7 @@ def saliency_mask(saliency: Sequence[torch.Tensor], tau: float, largest: bool = 
     """Per model, 1 on the ⌊τ·P⌋ of its P parameters with the largest |saliency| (SalUn), 0 elsewhere.
 
     Ranked over all of a model's parameters at once, never over the whole stack. ``largest=False`` marks the
-    smallest instead: RUM's ``generate_mask`` drops the negation before its argsort (METHODS.md §3.6, §8 item 4).
+    smallest instead: RUM's ``generate_mask`` drops the negation before its argsort (docs/methods.md#not-copied).
     """
     if not 0 <= tau <= 1:
         raise ValueError(f"tau must be in [0, 1], got {tau}")
@@ -95,7 +95,7 @@ def saliency_mask(saliency: Sequence[torch.Tensor], tau: float, largest: bool = 
 
 
 def salun(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int], seed: int) -> Snapshots:
-    """SalUn (METHODS.md §3.6 ``RL``): random-label training (as ``random_label``) with every gradient
+    """SalUn (docs/methods.md#salun; RUM ``RL``): random-label training (as ``random_label``) with every gradient
     multiplied by a per-model saliency mask over the top-τ fraction of |∇θ forget loss| at θ0.
 
     ``rum_mask_bug=True`` reproduces RUM's mask (the smallest-τ fraction), for comparison with its numbers only.

@@ -1,4 +1,5 @@
-"""Retraining from scratch on the retain set (METHODS.md §3.6 ``retrain``; the compute-vs-KLOM baseline of §6.1).
+"""Retraining from scratch on the retain set (docs/methods.md#retrain; the compute-vs-KLOM baseline,
+docs/metrics.md#noise-floor).
 
 With the full base recipe this is exact unlearning: the models are fresh draws from the oracle distribution,
 so their KLOM is the noise floor at this ensemble size. A smaller ``budget`` trains for a fraction of the
@@ -25,7 +26,7 @@ def retrain_epochs(budget: float, recipe_epochs: int) -> int:
 
 
 def retrain(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int], seed: int) -> Snapshots:
-    """Retrain (METHODS.md §3.6 ``retrain``, §6.1): train fresh models on R with the base recipe (``data.recipe``)
+    """Retrain (docs/methods.md#retrain): train fresh models on R with the base recipe (``data.recipe``)
     for ``retrain_epochs(budget, …)`` epochs.
 
     Model m restarts from seed ``model_seed(seed, "retrain", stack.seeds[m])`` (reduced below ``MAX_SEED``):

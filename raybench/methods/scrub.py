@@ -1,11 +1,11 @@
-"""SCRUB (METHODS.md §3.1, with RUM's details from §3.6): a student distilled away from its teacher on F and
+"""SCRUB (docs/methods.md#scrub): a student distilled away from its teacher on F and
 towards it on R.
 
 The teacher is a frozen copy of the originals; the student *is* the stack. Max passes on F raise the student's
 divergence from the teacher there (forgetting), min passes on R pull it back (keeping everything else).
 
 ⚠ DUB's SCRUB builds its optimiser on the teacher's parameters, which only ever run under no_grad, so its
-student never changes (METHODS.md §3.1, §8 item 1). Here the optimiser holds the student's parameters and the
+student never changes (docs/methods.md#not-copied). Here the optimiser holds the student's parameters and the
 teacher has gradients switched off entirely.
 """
 
@@ -26,7 +26,7 @@ from raybench.methods.base import (
 )
 from raybench.models import StackedModel
 
-# lr × 0.1 after each of these epochs (DUB / DMMc SCRUB, METHODS.md §3.1): ×0.1 from epoch 4, ×0.01 from 6 …
+# lr × 0.1 after each of these epochs (DUB / DMMc SCRUB, docs/methods.md#scrub): ×0.1 from epoch 4, ×0.01 from 6 …
 LR_MILESTONES = (3, 5, 9)
 
 
@@ -45,7 +45,7 @@ def stacked_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 
 def scrub(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int], seed: int) -> Snapshots:
-    """SCRUB max/min (METHODS.md §3.1): at epoch t, lr = ``scrub_lr``; if t ≤ ``ascent_epochs`` one max pass on
+    """SCRUB max/min (docs/methods.md#scrub): at epoch t, lr = ``scrub_lr``; if t ≤ ``ascent_epochs`` one max pass on
     F minimising −KD; then one min pass on R minimising γ·CE + α·KD (γ ``ce_weight``, α ``kd_weight``).
 
     KD = T²·KL(teacher ‖ student) at temperature T; the teacher sees the student's batch. One optimiser (on

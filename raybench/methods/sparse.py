@@ -1,4 +1,4 @@
-"""ℓ1-sparse fine-tuning (METHODS.md §3.6 ``FT_prune``): fine-tune on R with a decaying ℓ1 penalty.
+"""ℓ1-sparse fine-tuning (docs/methods.md#l1_sparse; RUM ``FT_prune``): fine-tune on R with a decaying ℓ1 penalty.
 
 The idea (Jia et al., "model sparsity can simplify machine unlearning") is that pushing weights towards zero
 while fine-tuning on R erases more of what only F supported than plain fine-tuning does.
@@ -25,7 +25,8 @@ def l1_weight(alpha: float, epoch: int, horizon_epochs: int, no_l1_epochs: int) 
 
 
 def l1_sparse(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[int], seed: int) -> Snapshots:
-    """Fine-tune on R minimising CE + α_t·‖θ‖₁ (METHODS.md §3.6 ``FT_prune``), with ``l1_weight``'s schedule.
+    """Fine-tune on R minimising CE + α_t·‖θ‖₁ (docs/methods.md#l1_sparse; RUM ``FT_prune``), with ``l1_weight``'s
+    schedule.
 
     RUM's optimiser: SGD with momentum and weight decay, constant lr. ‖θ‖₁ covers every parameter (biases
     too), per model: summed over the stack it is the sum of each model's own penalty, so gradients stay

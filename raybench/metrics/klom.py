@@ -1,6 +1,6 @@
 """KLOM: per-sample KL divergence between the margins of unlearned models and of oracles.
 
-The published number (EasyDUB ``binned_kl_divergence`` / ``klom_from_margins``; METHODS.md §1.2) is a Python loop
+The published number (EasyDUB ``binned_kl_divergence`` / ``klom_from_margins``; docs/metrics.md#klom) is a Python loop
 over samples. Every score raybench reports is compared with numbers produced by that loop, so this module
 reproduces it *bit for bit*, quirks included, while running several hundred times faster:
 
@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 KLOM_VERSION = "easydub-1"
-"""Stamped on every summary row: which definition produced the number (see METHODS.md §1.4 for variants)."""
+"""Stamped on every summary row: which definition produced the number (see docs/metrics.md#variants)."""
 
 VARIANTS = ("easydub", "closed")
 _BLOCK = 128  # samples per parallel task: a block of columns stays hot in L2 between its two reads

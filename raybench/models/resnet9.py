@@ -1,4 +1,5 @@
-"""The ``resnet9`` architecture: EasyDUB's / data-unlearning-bench's CIFAR-10 ResNet-9, stacked (METHODS.md §2).
+"""The ``resnet9`` architecture: EasyDUB's / data-unlearning-bench's CIFAR-10 ResNet-9, stacked
+(docs/methods.md#recipes).
 
 Single model (``resnet9()``, exactly the published module tree, so published state dicts load into it)::
 
