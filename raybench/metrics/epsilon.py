@@ -47,6 +47,8 @@ import math
 import numba
 import numpy as np
 
+from raybench.metrics.inputs import margin_matrix
+
 DELTA = 1e-5
 EPSILON_CAP = 50.0
 THRESHOLDS_PER_UNIT = 100
@@ -128,20 +130,11 @@ def challenge_score(
 
 
 def _inputs(unlearned, retrained) -> tuple[np.ndarray, np.ndarray]:
-    out = []
-    for name, a in (("unlearned", unlearned), ("retrained", retrained)):
-        a = np.asarray(a)
-        if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] == 0:
-            raise ValueError(f"{name} margins must have shape (models >= 2, examples >= 1), got {a.shape}")
-        if a.dtype.kind not in "fiu":
-            raise ValueError(f"{name} margins must be numeric, got dtype {a.dtype}")
-        a = a.astype(np.float64)
-        if not np.isfinite(a).all():
-            raise ValueError(f"{name} margins contain NaN/inf values")
-        out.append(a)
-    if out[0].shape[1] != out[1].shape[1]:
-        raise ValueError(f"example counts differ: {out[0].shape[1]} unlearned vs {out[1].shape[1]} retrained")
-    return out[0], out[1]
+    u = margin_matrix(unlearned, "unlearned", min_models=2)
+    r = margin_matrix(retrained, "retrained", min_models=2)
+    if u.shape[1] != r.shape[1]:
+        raise ValueError(f"example counts differ: {u.shape[1]} unlearned vs {r.shape[1]} retrained")
+    return u, r
 
 
 def _log_tables(n: int, delta: float) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raybench.metrics.inputs import margin_matrix
+
 EPS1 = 1e-2
 EPS2 = 1e-5
 EULER_GAMMA_IAM = 0.5772  # IAM uses this truncated constant in its method-of-moments fit
@@ -136,8 +138,8 @@ class IamResult:
 
 def iam_moments(original: np.ndarray, shadows: np.ndarray) -> IamMoments:
     """First pass over one chunk: ``original`` (targets' originals, models × chunk), ``shadows`` (k × chunk)."""
-    f = iam_signal(_matrix(original, "original"))
-    s = iam_signal(_matrix(shadows, "shadow"))
+    f = iam_signal(margin_matrix(original, "original"))
+    s = iam_signal(margin_matrix(shadows, "shadow"))
     if f.shape[1] != s.shape[1]:
         raise ValueError(f"sample counts differ: original {f.shape[1]}, shadows {s.shape[1]}")
     sbar = s.mean(axis=0)
@@ -150,9 +152,9 @@ def iam_chunk(
 ) -> IamSums:
     """Second pass over one chunk: per-model sums of U for ``target`` (models × chunk) paired row-wise with
     ``original``, given the moments of all forget samples (from the same originals and shadows)."""
-    f = iam_signal(_matrix(original, "original"))
-    t = iam_signal(_matrix(target, "target"))
-    s = iam_signal(_matrix(shadows, "shadow"))
+    f = iam_signal(margin_matrix(original, "original"))
+    t = iam_signal(margin_matrix(target, "target"))
+    s = iam_signal(margin_matrix(shadows, "shadow"))
     if f.shape != t.shape or s.shape[1] != f.shape[1]:
         raise ValueError(f"shapes differ: original {f.shape}, target {t.shape}, shadows {s.shape}")
     if moments.sum_f.shape[0] != f.shape[0] or moments.n_shadows != s.shape[0]:
@@ -193,9 +195,9 @@ def iam_scores(
     ``original`` and ``unlearned`` have one row per model id; ``oracle`` rows are model ids too, and held-out
     oracle r is paired with ``original[r]`` (so there must be at least as many originals as oracles).
     """
-    orig = _matrix(original, "original")
-    unl = _matrix(unlearned, "unlearned")
-    orc = _matrix(oracle, "oracle")
+    orig = margin_matrix(original, "original")
+    unl = margin_matrix(unlearned, "unlearned")
+    orc = margin_matrix(oracle, "oracle")
     if orig.shape != unl.shape:
         raise ValueError(f"original {orig.shape} and unlearned {unl.shape} must pair row by row")
     if orc.shape[1] != orig.shape[1] or orc.shape[0] > orig.shape[0]:
@@ -217,12 +219,3 @@ def iam_scores(
     return IamResult(results[0], float(results[0].mean()), results[1], float(results[1].mean()), split.reference)
 
 
-def _matrix(a, name: str) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"{name} margins must have shape (models, samples) with both > 0, got {a.shape}")
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"{name} margins must be numeric, got dtype {a.dtype}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} margins contain NaN/inf values")
-    return a

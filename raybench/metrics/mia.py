@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raybench.metrics.inputs import margin_matrix
+
 SVC_MAX_SHADOW = 10000
 
 
@@ -98,7 +100,7 @@ def svc_mia_efficacy(
     read, with ``n = min(len(retain), len(val), max_shadow)``.
     """
     r, v = _pair(retain, val, "retain", "val", same_samples=False)
-    f = _matrix(forget, "forget")
+    f = margin_matrix(forget, "forget")
     if not r.shape[0] == v.shape[0] == f.shape[0]:
         raise ValueError(f"model counts differ: retain {r.shape[0]}, val {v.shape[0]}, forget {f.shape[0]}")
     if int(max_shadow) != max_shadow or max_shadow < 1:
@@ -132,20 +134,8 @@ def _llr(v, mu_u, sd_u, mu_o, sd_o) -> np.ndarray:
     return -0.5 * zu * zu - np.log(sd_u) + 0.5 * zo * zo + np.log(sd_o)
 
 
-def _matrix(a, name: str) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"{name} margins must have shape (models, samples) with both > 0, got {a.shape}")
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"{name} margins must be numeric, got dtype {a.dtype}")
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} margins contain NaN/inf values")
-    return a
-
-
 def _pair(a, b, name_a: str, name_b: str, *, same_samples: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _matrix(a, name_a), _matrix(b, name_b)
+    a, b = margin_matrix(a, name_a), margin_matrix(b, name_b)
     if same_samples and a.shape[1] != b.shape[1]:
         raise ValueError(f"sample counts differ: {name_a} has {a.shape[1]}, {name_b} has {b.shape[1]}")
     return a, b
