@@ -134,6 +134,9 @@ def _config_options(fn):
         click.option("--address", help="Join this Ray cluster (default: RAY_ADDRESS, else a local Ray)."),
         click.option("--num-cpus", type=int, help="CPUs of the local Ray."),
         click.option("--num-gpus", type=int, help="GPUs of the local Ray."),
+        click.option("--floor/--no-floor", default=None,
+                     help="Train N more oracles per forget set with their own seeds and score them as method "
+                          "oracle_floor, the noise floor at this N (default: on; costs one oracle ensemble)."),
     ]
     for option in reversed(options):
         fn = option(fn)

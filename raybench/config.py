@@ -4,7 +4,8 @@ Precedence: CLI option > TOML file > default. Everything is validated here, befo
 an exit code 2 and a clear message, not a cluster allocation.
 
 TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``forget_sets``, ``methods``,
-``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``, ``easydub_source``),
+``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``, ``easydub_source``,
+``floor``),
 plus tables ``[recipe]`` (base training overrides) and ``[params.<method>]`` (method parameters; a list value
 sweeps over its items, except ``epochs``, the list of snapshots to score).
 
@@ -54,6 +55,7 @@ class RunConfig:
     num_cpus: int | None = None
     num_gpus: int | None = None
     easydub_source: str = ""  # empty: train originals and oracles here; else use EasyDUB's published ones
+    floor: bool = True  # train the oracle_floor ensemble (N more oracles per forget set; not in an EasyDUB run)
 
     @property
     def resolved_arch(self) -> str:
@@ -181,6 +183,8 @@ def validate(config: RunConfig) -> None:
     if config.n_models < 2:
         raise ConfigError("n_models must be at least 2: KLOM compares distributions over models")
     _check(spec.integer(-(1 << 63), (1 << 63) - 1), "seed", config.seed)
+    if not isinstance(config.floor, bool):
+        raise ConfigError(f"floor must be true or false, got {config.floor!r}")
     for key, low in (("num_cpus", 1), ("num_gpus", 0)):
         value = getattr(config, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

@@ -8,6 +8,12 @@ Units:
 * ``train`` with role ``matching_oracle`` — for oracle-matching methods only: oracles trained on the retain set
   with their own seeds, so the oracles a method fine-tunes against are never the ones that score it
   (docs/methods.md#oracle_matching); unlearn units of such methods also depend on them.
+* ``train`` with role ``unlearned`` and method ``oracle_floor`` (unless ``config.floor`` is off) — a second
+  oracle ensemble per forget set, trained on the retain set like the oracles but with its own seeds (the
+  ``floor_oracle`` stream, disjoint from the oracles' and the matching oracles'), and scored against the oracles
+  like a method: KLOM of exact unlearning at this N, the noise floor every method's row is read against. It is
+  stored exactly as EasyDUB's imported floor is (role ``unlearned``, method ``oracle_floor``, params ``{}``), so
+  reduce scores both the same way; its epoch is the recipe's epochs (what a train unit stores).
 
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
 A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed. That
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from raybench import training
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, resolve_forget_set
-from raybench.easydub import NO_SEED, EasyDubError, allocate_oracles, id_blocks, import_unit_id
+from raybench.easydub import FLOOR_METHOD, NO_SEED, EasyDubError, allocate_oracles, id_blocks, import_unit_id
 from raybench.ids import digest, ensemble_seeds, model_seed
 from raybench.methods import Method, expand_grid, params_json, resolve_methods, snapshot_epochs
 
@@ -106,6 +112,20 @@ def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, count: int,
         unit_id = digest({"kind": "train", "role": "matching_oracle", "forget": fs_digest, "seeds": seeds,
                           "identity": identity, "versions": versions})
         units.append(Unit(unit_id, "train", "matching_oracle", fs_id, ids, seeds, code_versions=versions))
+    return units
+
+
+def _floor_oracles(config: RunConfig, fs_id: str, fs_digest: str, identity: dict) -> list[Unit]:
+    """Train units of the noise-floor ensemble: N oracles on the retain set with seeds of their own, stored as the
+    "unlearned" models of method ``oracle_floor`` (no checkpoint: nothing starts from them)."""
+    units = []
+    all_seeds = ensemble_seeds(config.seed, "floor_oracle", fs_id, n=config.n_models)
+    for ids in id_blocks(0, config.n_models, config.block_size):
+        seeds = tuple(all_seeds[i] for i in ids)
+        versions = train_versions()
+        unit_id = digest({"kind": "train", "role": "floor_oracle", "forget": fs_digest, "seeds": seeds,
+                          "identity": identity, "versions": versions})
+        units.append(Unit(unit_id, "train", "unlearned", fs_id, ids, seeds, FLOOR_METHOD, code_versions=versions))
     return units
 
 
@@ -208,6 +228,8 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
             unit_id = digest({"kind": "train", "role": "oracle", "forget": fs_digest, "seeds": seeds,
                               "identity": identity, "versions": versions})
             units.append(Unit(unit_id, "train", "oracle", fs.id, ids, seeds, code_versions=versions))
+        if config.floor:  # an EasyDUB run's floor is the import's (``import-easydub --oracle-floor``)
+            units.extend(_floor_oracles(config, fs.id, fs_digest, identity))
     for fs in forget_sets.values():
         fs_digest = digest(fs.indices.tolist())
         matching = _matching_oracles(config, fs.id, fs_digest, n_matching, identity) if n_matching else []

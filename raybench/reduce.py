@@ -31,6 +31,8 @@ from raybench.versions import summary_versions
 
 log = logging.getLogger(__name__)
 
+FLOOR_METHOD = "oracle_floor"  # raybench.easydub.FLOOR_METHOD, not imported here: easydub pulls in torch
+
 SUMMARY_COLUMNS = [
     "forget_set", "method", "params", "epoch", "split", "n_models", "n_oracles", "n_samples",
     "klom_mean", "klom_p5", "klom_p25", "klom_p50", "klom_p75", "klom_p95", "klom_p99", "klom_degenerate",
@@ -241,7 +243,9 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
         oracle = oracle_groups[fs]
         if not _check_complete(oracle, n_oracles, f"oracles of forget set {fs}", skipped):
             continue
-        candidates = [(original, [0])] + [(g, g.epochs) for (f, _, _), g in sorted(method_groups.items()) if f == fs]
+        # the floor right after do_nothing: every method's row is read against both
+        candidates = [(original, [0])] + [(g, g.epochs) for (f, _, _), g in sorted(
+            method_groups.items(), key=lambda item: (item[0][1] != FLOOR_METHOD, item[0])) if f == fs]
         chosen = []
         for group, epochs in candidates:
             if methods is not None and (group.method, group.params) not in methods:

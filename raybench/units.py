@@ -88,7 +88,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         stack = ctx.new_stack(unit.seeds)
         if unit.role == "original":
             train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe)
-        else:
+        else:  # oracles, matching oracles and the oracle_floor ensemble: retrained without the forget set
             idx = ctx.retain_indices(unit.forget_set)
             train_stack(stack, ctx.x_train[idx], ctx.y_train[idx], ctx.recipe)
         if unit.role in ("original", "matching_oracle"):

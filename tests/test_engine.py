@@ -33,7 +33,8 @@ def small_run(ray_session, tmp_path_factory):
 def test_summary_has_a_row_per_forget_set_method_epoch_split(small_run):
     out, plan, store, report, rows = small_run
     keys = {(r["forget_set"], r["method"], r["epoch"], r["split"]) for r in rows}
-    expected = {(fs, m, e, s) for fs in ("1", "3") for m, e in (("do_nothing", 0), ("finetune", 1), ("finetune", 2))
+    expected = {(fs, m, e, s) for fs in ("1", "3")
+                for m, e in (("do_nothing", 0), ("oracle_floor", 6), ("finetune", 1), ("finetune", 2))
                 for s in ("retain", "forget", "val")}
     assert keys == expected and len(rows) == len(expected)
     by = {(r["forget_set"], r["split"]): r for r in rows if r["method"] == "do_nothing"}
@@ -43,11 +44,12 @@ def test_summary_has_a_row_per_forget_set_method_epoch_split(small_run):
         assert r["n_models"] == 6 and r["n_oracles"] == 6 and r["run"] == report.run_id
         assert r["klom_version"] and 0 <= r["klom_p5"] <= r["klom_p50"] <= r["klom_p95"] <= r["klom_p99"] <= 11.6
         assert 0.5 < r["accuracy"] <= 1.0
-    assert report.units_run == len(plan.units) == 2 + 2 * 2 + 2 * 2  # originals, oracles, finetune blocks
-    for r in rows:  # work: samples per model forwarded with gradients (finetune passes over the retain set)
-        n_retain = {"1": 1437 - 10, "3": 1437 - 40}[r["forget_set"]]
+    # originals, then per forget set oracles, floor oracles and finetune blocks
+    assert report.units_run == len(plan.units) == 2 + 2 * 2 + 2 * 2 + 2 * 2
+    for r in rows:  # work: samples per model forwarded with gradients (finetune and the floor pass over the
+        n_retain = {"1": 1437 - 10, "3": 1437 - 40}[r["forget_set"]]  # retain set, the floor for 6 epochs)
         assert r["grad_samples"] == r["epoch"] * n_retain
-        assert (r["compute_s"] > 0) == (r["method"] == "finetune")
+        assert (r["compute_s"] > 0) == (r["method"] != "do_nothing")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == rows and summary["identity"]["n_models"] == 6
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
@@ -114,11 +116,41 @@ def test_accuracy_is_top1_of_the_stored_rows_and_top1_bounds_the_margins(small_r
     assert proxy_differs  # the old number, the share of positive margins, is not what the summary reports
 
 
+def test_the_floor_rows_are_the_reference_klom_of_the_floor_oracles_against_the_oracles(small_run):
+    """The oracle_floor ensemble is stored like EasyDUB's (role unlearned, method oracle_floor) and scored as any
+    method: each of its rows equals the reference KLOM of its stored margins against the oracles'."""
+    from klom_reference import reference_klom
+
+    out, plan, store, report, rows = small_run
+    records = pq.read_table(out / "margins", partitioning=None).to_pylist()
+    floor_rows = [r for r in rows if r["method"] == "oracle_floor"]
+    assert len(floor_rows) == 2 * 3
+    for r in floor_rows:
+        forget = np.asarray(json.loads((out / "forget_sets" / f"{r['forget_set']}.json").read_text())["indices"])
+        source, idx = {"retain": ("train", np.setdiff1d(np.arange(1437), forget)), "forget": ("train", forget),
+                       "val": ("val", np.arange(360))}[r["split"]]
+        floor = _stored(records, "margins", source, role="unlearned", method="oracle_floor",
+                        forget_set=r["forget_set"])[:, idx]
+        oracles = _stored(records, "margins", source, role="oracle", forget_set=r["forget_set"])[:, idx]
+        assert floor.shape == oracles.shape == (6, len(idx)) and not np.array_equal(floor, oracles)
+        expected = reference_klom(floor.astype(np.float32), oracles.astype(np.float32))
+        assert r["klom_mean"] == pytest.approx(float(expected.mean()), rel=1e-12), r
+        assert r["klom_p95"] == pytest.approx(float(np.percentile(expected, 95)), rel=1e-12), r
+        assert r["n_models"] == r["n_oracles"] == 6
+
+
+def test_no_floor_trains_no_floor(ray_session, tmp_path):
+    plan, store, report, rows = _run(tmp_path, floor=False, forget_sets="1", methods="do_nothing", params={},
+                                     recipe={"epochs": 1})
+    assert report.units_run == len(plan.units) == 4 and {r["method"] for r in rows} == {"do_nothing"}
+
+
 def test_rerun_resumes_without_recomputing_and_gives_the_same_summary(small_run):
     out, plan, store, report, rows = small_run
     before = (out / "summary.csv").read_bytes()
     _, _, again, rows_again = _run(out)
     assert again.units_run == 0 and again.units_skipped == len(plan.units)
+    assert any(u.method == "oracle_floor" for u in plan.units)  # the floor is resumed like every unit
     assert rows_again == rows
     assert (out / "summary.csv").read_bytes() == before
 
@@ -188,10 +220,10 @@ def test_train_then_unlearn_equals_run_and_report_prints_it(ray_session, tmp_pat
 
     trained = runner.invoke(main, ["train", *args, "--out", split])
     assert trained.exit_code == 0, trained.output
-    assert "4 units run" in trained.output  # 2 blocks of originals, 2 of oracles
+    assert "6 units run" in trained.output  # 2 blocks of originals, 2 of oracles, 2 of the floor
     store = RunStore(split)
     assert {u.meta["kind"] for u in store.completed_units().values()} == {"train"}
-    assert {r["method"] for r in reduce_run(store)} == {"do_nothing"}
+    assert {r["method"] for r in reduce_run(store)} == {"do_nothing", "oracle_floor"}
 
     unlearned = runner.invoke(main, ["unlearn", *args, "--out", split])
     assert unlearned.exit_code == 0 and "2 units run" in unlearned.output, unlearned.output
@@ -201,12 +233,12 @@ def test_train_then_unlearn_equals_run_and_report_prints_it(ray_session, tmp_pat
 
     (tmp_path / "split" / "report.html").unlink()
     report = runner.invoke(main, ["report", split])
-    assert report.exit_code == 0 and "finetune" in report.output and "do_nothing" in report.output
+    assert report.exit_code == 0 and all(m in report.output for m in ("finetune", "do_nothing", "oracle_floor"))
     page = (tmp_path / "split" / "report.html").read_text()
     plots = sorted(p.name for p in (tmp_path / "split" / "plots").iterdir())
     assert plots == ["klom_p95_forget_set_1.png", "work_forget_set_1.png"]
     assert all((tmp_path / "split" / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in plots)
-    assert all(f'src="plots/{name}"' in page for name in plots) and page.count("<tr>") == 1 + 6  # header, rows
+    assert all(f'src="plots/{name}"' in page for name in plots) and page.count("<tr>") == 1 + 9  # header, rows
     assert runner.invoke(main, ["report", str(tmp_path)]).exit_code == 2
 
 
@@ -220,7 +252,7 @@ def test_an_ensemble_in_one_block_is_reduced_as_the_reference_scores_it(ray_sess
 
     out = tmp_path / "run"
     _, store, _, rows = _run(out, n_models=n_models, block_size=block_size, forget_sets="1",
-                             methods="do_nothing,finetune", params={"finetune": {"epochs": [1, 2]}})
+                             methods="do_nothing,finetune", params={"finetune": {"epochs": [1, 2]}}, floor=False)
     assert {(r["method"], r["epoch"], r["split"]) for r in rows} == {
         (m, e, s) for m, e in (("do_nothing", 0), ("finetune", 1), ("finetune", 2))
         for s in ("retain", "forget", "val")}
@@ -251,7 +283,7 @@ def test_a_bumped_method_version_reruns_only_that_methods_units(ray_session, tmp
 
     small = {"n_models": 4, "block_size": 2, "forget_sets": "1", "methods": "do_nothing,finetune,gradient_ascent",
              "params": {"finetune": {"epochs": [1]}, "gradient_ascent": {"epochs": [1]}}, "recipe": {"epochs": 2},
-             "chunk_size": 1000}
+             "chunk_size": 1000, "floor": False}
     plan, store, report, rows = _run(tmp_path, **small)
     assert report.units_run == len(plan.units) == 8  # 2 blocks each: originals, oracles, finetune, ascent
     first_manifests = set(store.completed_units())

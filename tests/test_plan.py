@@ -160,3 +160,26 @@ def test_run_json_records_the_creating_and_the_latest_versions_outside_the_ident
     assert info["versions"] == old and info["latest_versions"] == new and "torch" not in json.dumps(info["identity"])
     RunStore(str(tmp_path / "other")).open_run({"n_models": 4})  # by default: this process's versions
     assert json.loads((tmp_path / "other" / "run.json").read_text())["versions"] == versions.collect_versions()
+
+
+def test_the_floor_is_a_second_oracle_ensemble_with_seeds_of_its_own(digits, tmp_path):
+    config = build_config(None, n_models=4, block_size=2, forget_sets="1,2", out=str(tmp_path / "out"),
+                          methods="do_nothing,finetune,oracle_matching")
+    units = make_plan(config, digits).units
+    floor = [u for u in units if u.method == "oracle_floor"]
+    assert [(u.kind, u.role, u.forget_set, u.model_ids) for u in floor] == [
+        ("train", "unlearned", fs, ids) for fs in ("1", "2") for ids in ((0, 1), (2, 3))]
+    for fs in ("1", "2"):
+        floor_seeds = {s for u in floor if u.forget_set == fs for s in u.seeds}
+        assert len(floor_seeds) == 4
+        for role in ("oracle", "matching_oracle", "original"):
+            others = {s for u in units if u.role == role and u.forget_set in (fs, "none") for s in u.seeds}
+            assert others and not floor_seeds & others, role
+    off = make_plan(dataclasses.replace(config, floor=False), digits).units
+    assert {u.id for u in units} - {u.id for u in off} == {u.id for u in floor}  # nothing else changes
+
+
+def test_the_floor_is_a_boolean_on_by_default(tmp_path):
+    with pytest.raises(ConfigError, match="floor must be true or false"):
+        build_config(None, floor="no", out=str(tmp_path))
+    assert build_config(None, out=str(tmp_path)).floor is True

@@ -263,7 +263,7 @@ def test_a_run_writes_to_a_file_uri(ray_session, tmp_path):
     uri = (tmp_path / "out").as_uri()
     assert uri.startswith("file:///")
     config = build_config(None, n_models=2, block_size=2, forget_sets="1", methods="do_nothing",
-                          recipe={"epochs": 1}, out=uri)
+                          recipe={"epochs": 1}, floor=False, out=uri)
     plan, store, report = execute(config)
     assert store.uri == uri and report.units_run == len(plan.units) == 2
     write_summary(store, reduce_run(RunStore(uri)))
