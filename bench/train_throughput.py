@@ -42,65 +42,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
-import time
 
 import torch
-import torch.nn.functional as F
+from throughput_common import (
+    N_TRAIN,
+    N_VAL,
+    RECIPE,
+    LoopTrainer,
+    extrapolate,
+    random_data,
+    steps_per_model,
+    time_margins,
+    time_train_stack,
+    timed,
+)
+from throughput_common import (
+    flops_per_sample as count_flops_per_sample,
+)
 
 from raybench.models import build_stack
-from raybench.models.resnet9 import StackedResNet9, resnet9, resnet9_macs
-from raybench.training import Recipe, compute_margins, default_recipe, train_stack
-
-RECIPE = default_recipe("cifar10", "resnet9")
-N_TRAIN, N_VAL = 50_000, 10_000
-STEPS_PER_MODEL = RECIPE.epochs * math.ceil(N_TRAIN / RECIPE.batch_size)  # 24 × 196 = 4,704
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def one_epoch_recipe(batch: int) -> Recipe:
-    """The ResNet-9 recipe cut to one epoch: ``train_stack`` then runs exactly ⌈n/batch⌉ steps."""
-    return Recipe(epochs=1, batch_size=batch, lr=RECIPE.lr, momentum=RECIPE.momentum,
-                  weight_decay=RECIPE.weight_decay, warmup_fraction=RECIPE.warmup_fraction)
-
-
-def extrapolate(step_s: float, margins_s_per_model: float, m: int, flops_per_step: float, peak: float,
-                steps_per_model: int) -> dict:
-    per_model_s = step_s * steps_per_model / m + margins_s_per_model
-    return {"step_ms": 1e3 * step_s, "s_per_model": per_model_s, "models_per_hour": 3600 / per_model_s,
-            "train_tflops": flops_per_step / step_s / 1e12,
-            "fraction_of_peak": flops_per_step / step_s / peak,
-            "gpu_hours_per_2000": 2000 * per_model_s / 3600}
+from raybench.models.resnet9 import StackedResNet9
 
 
 def bench_stack(m: int, args: argparse.Namespace, device: torch.device, flops_per_sample: float) -> dict:
-    shape = (3, args.hw, args.hw)
-    stack = build_stack("resnet9", list(range(m)), shape, 10).to(device)
-    n = args.steps * args.batch
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, *shape, device=device, generator=gen)
-    y = torch.randint(0, 10, (n,), device=device, generator=gen)
-    recipe = one_epoch_recipe(args.batch)
-    train_stack(stack, x[: args.warmup * args.batch], y[: args.warmup * args.batch], recipe)
-    sync(device)
+    stack = build_stack("resnet9", list(range(m)), (3, args.hw, args.hw), 10).to(device)
+    x, y = random_data(args.steps * args.batch, args.hw, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    train_stack(stack, x, y, recipe)
-    sync(device)
-    step_s = (time.perf_counter() - t0) / args.steps
-    n_eval = min(args.eval_samples, n)
-    compute_margins(stack, x[:n_eval], y[:n_eval])  # warm
-    sync(device)
-    t0 = time.perf_counter()
-    compute_margins(stack, x[:n_eval], y[:n_eval])
-    sync(device)
-    margins_s = (time.perf_counter() - t0) * (N_TRAIN + N_VAL) / n_eval / m
+    step_s = time_train_stack(stack, x, y, args.batch, args.warmup, device)
+    n_eval = min(args.eval_samples, len(y))
+    margins_s = time_margins(stack, x[:n_eval], y[:n_eval], device) * (N_TRAIN + N_VAL) / n_eval / m
     row = {"kind": "stacked", "M": m, "margins_s_per_model": margins_s,
            **extrapolate(step_s, margins_s, m, flops_per_sample * args.batch * m, args.peak_tflops * 1e12,
                          args.steps_per_model)}
@@ -110,41 +82,10 @@ def bench_stack(m: int, args: argparse.Namespace, device: torch.device, flops_pe
 
 
 def bench_loop(args: argparse.Namespace, device: torch.device, flops_per_sample: float) -> dict:
-    shape = (3, args.hw, args.hw)
-    torch.manual_seed(0)
-    model = resnet9().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=RECIPE.momentum, weight_decay=RECIPE.weight_decay,
-                          fused=device.type == "cuda")
-    amp_dtype = torch.float16 if args.loop_precision == "fp16" else torch.bfloat16
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    n = args.steps * args.batch
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, *shape, device=device, generator=gen)
-    y = torch.randint(0, 10, (n,), device=device, generator=gen)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def run(steps: int) -> None:
-        perm = torch.randperm(n, device=device)
-        for k in range(steps):
-            idx = perm[k * args.batch:(k + 1) * args.batch]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-    model.train()
-    run(args.warmup)
-    sync(device)
-    t0 = time.perf_counter()
-    run(args.steps)
-    sync(device)
-    step_s = (time.perf_counter() - t0) / args.steps
+    x, y = random_data(args.steps * args.batch, args.hw, device)
+    loop = LoopTrainer(x, y, args.batch, device, precision=args.loop_precision)
+    loop.run(args.warmup)
+    step_s = timed(lambda: loop.run(args.steps), device) / args.steps
     return {"kind": f"loop ({args.loop_precision} autocast)", "M": 1, "margins_s_per_model": 0.0,
             **extrapolate(step_s, 0.0, 1, flops_per_sample * args.batch, args.peak_tflops * 1e12,
                           args.steps_per_model)}
@@ -172,11 +113,11 @@ def main() -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     if args.cudnn_benchmark == "off":
         StackedResNet9.cuda_cudnn_benchmark = False  # this process only: train_stack then leaves cuDNN as it is
-    args.steps_per_model = RECIPE.epochs * math.ceil(N_TRAIN / args.batch)
-    flops_per_sample = resnet9_macs((3, args.hw, args.hw)) * 2 * 3
+    args.steps_per_model = steps_per_model(args.batch)
+    flops_per_sample = count_flops_per_sample(args.hw)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {name}; torch {torch.__version__}; cudnn benchmark mode: {args.cudnn_benchmark}")
-    print(f"recipe: {RECIPE.epochs} epochs x {math.ceil(N_TRAIN / args.batch)} steps of batch {args.batch} = "
+    print(f"recipe: {RECIPE.epochs} epochs x {args.steps_per_model // RECIPE.epochs} steps of batch {args.batch} = "
           f"{args.steps_per_model} steps/model, extrapolated from {args.steps} timed steps after {args.warmup} "
           f"warm-up steps; + one margin pass over {N_TRAIN + N_VAL} samples per model")
     print(f"FLOPs: {flops_per_sample / 1e9:.3f} GFLOP per {args.hw}x{args.hw} sample per training step "

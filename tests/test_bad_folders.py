@@ -102,7 +102,7 @@ def _flip(path: Path, offset: int, n: int = 64) -> None:
 # -- what a commit records --------------------------------------------------------------------------------------------
 def test_manifests_record_each_files_size_and_sha256_and_the_forget_set_digest(base):
     units = _units(base)
-    assert len(units) == 2 + 2 * 2  # two blocks of originals, two of oracles per forget set
+    assert len(units) == 2 + 2 * 2 + 2 * 2  # two blocks of originals; of oracles and of floor oracles per forget set
     for meta in units.values():
         for file, size, sha in zip(meta["files"], meta["file_sizes"], meta["file_sha256"], strict=True):
             data = (base / file).read_bytes()
