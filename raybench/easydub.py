@@ -76,7 +76,7 @@ from raybench.data import Dataset
 from raybench.data.forget_sets import validate_indices
 from raybench.ids import digest
 from raybench.models import StackedModel
-from raybench.store import RunStore, margins_table
+from raybench.store import FLOOR_METHOD, RunStore, margins_table
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,6 @@ HUB_EPOCH = 23  # the 0-based epoch in every published file name
 HUB_N_MODELS = 200  # pretrain models, and oracles per forget set, on the hub (ids 0..199)
 STORED_EPOCH = 24  # epochs trained: what raybench's own train units store
 NO_SEED = -1  # the seed column of a hub model: not seeded by raybench
-FLOOR_METHOD = "oracle_floor"
 DEFAULT_CHUNK_SIZE = 8192  # RunConfig's defaults, so an import and a raybench run chunk and block alike
 DEFAULT_BLOCK_SIZE = 50
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

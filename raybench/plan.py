@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from raybench import training
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, resolve_forget_set
-from raybench.easydub import FLOOR_METHOD, NO_SEED, EasyDubError, allocate_oracles, id_blocks, import_unit_id
+from raybench.easydub import NO_SEED, EasyDubError, allocate_oracles, id_blocks, import_unit_id
 from raybench.ids import digest, ensemble_seeds, model_seed
 from raybench.methods import Method, expand_grid, params_json, resolve_methods, snapshot_epochs
+from raybench.store import FLOOR_METHOD
 
 NO_FORGET_SET = "none"  # forget_set of originals: they are trained on all train samples
 

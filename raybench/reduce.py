@@ -26,12 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from raybench.metrics import KLOM_VERSION, klom_details, summarize
-from raybench.store import RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
+from raybench.store import FLOOR_METHOD, RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
 from raybench.versions import summary_versions
 
 log = logging.getLogger(__name__)
-
-FLOOR_METHOD = "oracle_floor"  # raybench.easydub.FLOOR_METHOD, not imported here: easydub pulls in torch
 
 SUMMARY_COLUMNS = [
     "forget_set", "method", "params", "epoch", "split", "n_models", "n_oracles", "n_samples",

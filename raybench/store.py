@@ -86,6 +86,8 @@ MARGINS_SCHEMA = pa.schema(
     ]
 )
 PARTITION_COLUMNS = ("forget_set", "role", "method")
+FLOOR_METHOD = "oracle_floor"
+"""The method name of the noise-floor ensemble (oracles scored against oracles), whichever source made it."""
 PARQUET_WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": False, "write_page_checksum": True}
 """How every margins file is written (Ray Data forwards these to pyarrow): page CRCs, which reads verify."""
 LOCK_FILE = "run.lock"
