@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from raybench import training
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, resolve_forget_set
-from raybench.easydub import NO_SEED, EasyDubError, allocate_oracles, id_blocks, import_unit_id
+from raybench.easydub import EasyDubError, allocate_oracles
 from raybench.ids import digest, ensemble_seeds, model_seed
 from raybench.methods import Method, expand_grid, params_json, resolve_methods, snapshot_epochs
 from raybench.store import FLOOR_METHOD
 
 NO_FORGET_SET = "none"  # forget_set of originals: they are trained on all train samples
+NO_SEED = -1  # the seed of an imported model: not seeded by raybench
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,26 @@ class Unit:
     @property
     def n_models(self) -> int:
         return len(self.model_ids)
+
+
+def id_blocks(first: int, count: int, size: int) -> list[tuple[int, ...]]:
+    """Model ids ``first .. first+count-1`` in blocks of ``size``: the units of one ensemble, trained or imported."""
+    return [tuple(range(start, min(first + count, start + size))) for start in range(first, first + count, size)]
+
+
+def import_unit_id(source: str, identity: dict, role: str, forget_set: str, method: str,
+                   model_ids: tuple[int, ...] | list[int]) -> str:
+    """Stable id of an imported unit: what it holds (source, role, forget set, the source's model ids) in which
+    run."""
+    return digest({"kind": "import", "source": source, "role": role, "forget_set": forget_set, "method": method,
+                   "model_ids": list(model_ids), "identity": identity})
+
+
+def import_units(source: str, identity: dict, role: str, forget_set: str, ids: range, block_size: int,
+                 method: str = "none") -> list[Unit]:
+    """The import units holding a source's models ``ids`` of one role and forget set, in blocks of ``block_size``."""
+    return [Unit(import_unit_id(source, identity, role, forget_set, method, block), "import", role, forget_set,
+                 block, (NO_SEED,) * len(block), method) for block in id_blocks(ids.start, len(ids), block_size)]
 
 
 @dataclass(frozen=True)
@@ -142,8 +163,7 @@ def unlearn_versions(method: Method) -> dict:
 
 def _imported(identity: dict, role: str, fs_id: str, first: int, count: int, block_size: int) -> list[Unit]:
     """The import units holding EasyDUB's models ``first .. first+count-1`` of one role and forget set."""
-    return [Unit(import_unit_id(identity, role, fs_id, "none", ids), "import", role, fs_id, ids,
-                 (NO_SEED,) * len(ids)) for ids in id_blocks(first, count, block_size)]
+    return import_units("easydub", identity, role, fs_id, range(first, first + count), block_size)
 
 
 def plan_method_runs(config: RunConfig) -> list[MethodRun]:
