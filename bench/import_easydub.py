@@ -4,7 +4,7 @@ and what reading the imported Parquet costs against scoring the hub's .npy files
 Builds a synthetic folder in the exact hub layout at the published sizes (50,000 train / 10,000 val margins per
 model, forget sets of 100), then times, in this process:
 
-* ``import``: ``import_easydub`` of N originals and N oracles per forget set (margins only);
+* ``import``: ``pipeline.import_source("easydub", …)`` of N originals and N oracles per forget set (margins only);
 * ``+ checkpoints``: adding the originals' state dicts stacked per block (what an EasyDUB *run* imports too);
 * ``rerun``: the same import again, every unit already committed;
 * ``reduce`` vs ``direct``: ``reduce_run`` on the imported folder against the baseline of EasyDUB's own
@@ -90,8 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     forget_sets = args.forget_sets.split(",")
 
-    from raybench.easydub import import_easydub
     from raybench.metrics import klom, summarize
+    from raybench.pipeline import import_source
     from raybench.reduce import reduce_run
     from raybench.store import RunStore
 
@@ -105,25 +105,25 @@ def main() -> None:
         common = {"block_size": args.block_size}
 
         t0 = time.perf_counter()
-        report = import_easydub(tmp / "hub", forget_sets, args.models, out, **common)
+        report = import_source("easydub", tmp / "hub", forget_sets, args.models, out, **common)
         t_import = time.perf_counter() - t0
         models = args.models * (1 + len(forget_sets))
         print(f"import           : {t_import:6.2f} s  ({len(report.units_written)} units, {models} models, "
               f"{models / t_import:.0f} models/s)")
         if not args.no_checkpoints:
             t0 = time.perf_counter()
-            import_easydub(tmp / "hub", forget_sets, args.models, out, checkpoints=True, **common)
+            import_source("easydub", tmp / "hub", forget_sets, args.models, out, checkpoints=True, **common)
             print(f"+ checkpoints    : {time.perf_counter() - t0:6.2f} s  ({args.models} state dicts stacked in "
                   f"blocks of {args.block_size})")
         t0 = time.perf_counter()
-        again = import_easydub(tmp / "hub", forget_sets, args.models, out, checkpoints=not args.no_checkpoints,
-                               **common)
+        again = import_source("easydub", tmp / "hub", forget_sets, args.models, out,
+                              checkpoints=not args.no_checkpoints, **common)
         print(f"rerun            : {time.perf_counter() - t0:6.2f} s  ({len(again.units_skipped)} units skipped, "
               f"{len(again.units_written)} written)")
 
         klom(np.zeros((2, 8), np.float32), np.ones((2, 8), np.float32))  # compile the kernel outside the timings
         t0 = time.perf_counter()
-        rows = reduce_run(RunStore(out), parallel=False)
+        rows = reduce_run(RunStore(out))
         t_reduce = time.perf_counter() - t0
         t0 = time.perf_counter()
         direct = {fs: direct_scores(tmp / "hub", args.models, fs) for fs in forget_sets}

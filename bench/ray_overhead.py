@@ -2,7 +2,7 @@
 
 In-process: one ``UnitContext``, ``run_unit`` on every unit of the plan in order (torch using all cores), each
 unit's margins written and committed with plain pyarrow (``RunStore.write_unit``): the work with no scheduling.
-Ray: ``engine.execute`` on a fresh run folder with Ray already started (its start-up is timed separately):
+Ray: ``pipeline.execute`` on a fresh run folder with Ray already started (its start-up is timed separately):
 worker actors (one torch thread each), Ray Data waves, manifests. The ratio Ray / in-process is the price of
 going through Ray on this machine; on a cluster the same engine spreads the units over many nodes.
 
@@ -35,8 +35,8 @@ def main() -> None:
 
     from raybench.config import build_config
     from raybench.data import load_dataset
-    from raybench.engine import execute, record_forget_sets, start_ray
-    from raybench.plan import make_plan
+    from raybench.engine import start_ray
+    from raybench.pipeline import execute, plan_run
     from raybench.store import RunStore
     from raybench.units import UnitContext, run_unit
 
@@ -48,7 +48,7 @@ def main() -> None:
             options["recipe"] = {"epochs": args.epochs}
         config = build_config(None, **options, out=os.path.join(tmp, "inprocess"))
         dataset = load_dataset(config.dataset)
-        plan = make_plan(config, dataset)
+        plan = plan_run(config, dataset)
         models = sum(u.n_models for u in plan.units)
         print(f"{len(plan.units)} units, {models} model trainings ({config.resolved_recipe().epochs} epochs), "
               f"{args.num_cpus} CPUs")
@@ -58,7 +58,8 @@ def main() -> None:
         t0 = time.perf_counter()
         store = RunStore(config.output_uri())
         run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()})
-        record_forget_sets(store, plan)  # units of a forget set are committed against its record
+        for fs_id, fs in plan.forget_sets.items():  # units of a forget set are committed against its record
+            store.record_forget_set(fs_id, fs.description, fs.indices)
         ctx = UnitContext.create(run_id=run_id, dataset=dataset, arch=config.resolved_arch,
                                  recipe=config.resolved_recipe().to_dict(), chunk_size=config.chunk_size,
                                  store_uri=store.uri,

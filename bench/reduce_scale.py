@@ -69,8 +69,9 @@ def reduce_child(out: str, mode: str) -> dict:
     from raybench.reduce import reduce_run
     from raybench.store import RunStore
 
+    map_tasks = None
     if mode == "ray":
-        from raybench.engine import prepare_ray_environment
+        from raybench.engine import map_tasks, prepare_ray_environment
 
         prepare_ray_environment()
         import ray
@@ -79,7 +80,7 @@ def reduce_child(out: str, mode: str) -> dict:
     store = RunStore(out)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, after imports
     t0 = time.perf_counter()
-    rows = reduce_run(store, parallel=(mode == "ray"))
+    rows = reduce_run(store, mapper=map_tasks)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers_peak = 0.0

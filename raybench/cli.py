@@ -10,15 +10,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from raybench.metrics import KLOM_VERSION, VARIANTS, klom_details, summarize
-
-if TYPE_CHECKING:
-    from raybench.store import RunStore
 
 EXIT_BAD_INPUT = 2
 MAX_BINS = 10_000
@@ -121,11 +117,14 @@ def _config_options(fn):
         click.option("--data-root", type=click.Path(file_okay=False),
                      help="Folder of downloadable data sets, e.g. cifar10 (default: $RAYBENCH_DATA, else "
                           "~/.cache/raybench/data)."),
-        click.option("--easydub-source",
-                     help="Unlearn EasyDUB's published CIFAR-10 originals and score against its oracles instead of "
-                          "training them: a folder in the hub layout or the repo id easydub/EasyDUB-dataset."),
+        click.option("--source",
+                     help="Where originals and oracles come from: 'trained' (default: trained here), or a published "
+                          "source, 'easydub' or 'klom-models', optionally with ':FOLDER_OR_REPO' (a folder in its hub "
+                          "layout or a hub repo id); then only the methods run, on its models."),
+        click.option("--easydub-source", help="Same as --source easydub:FOLDER_OR_REPO."),
         click.option("--arch", help="Model architecture (default: the data set's)."),
         click.option("--n-models", type=int, help="Originals and oracles per forget set (default 100)."),
+        click.option("--n-oracles", type=int, help="Oracles per forget set that score the methods (default N)."),
         click.option("--forget-sets", help="Comma-separated built-in ids or .npy/.txt files (default 1,2,3)."),
         click.option("--param", "params", multiple=True,
                      help="Method parameter METHOD.NAME=VALUE; several values (comma-separated) sweep."),
@@ -177,56 +176,46 @@ def unlearn_command(ctx: click.Context, config_path: str | None, params: tuple[s
 def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ...], options: dict,
               step: str) -> None:
     from raybench.config import ConfigError, build_config
-    from raybench.engine import EngineError, execute
-    from raybench.reduce import reduce_run
+    from raybench.engine import EngineError
+    from raybench.pipeline import run
     from raybench.report import summary_table
     from raybench.store import StoreError
 
     verbose = ctx.find_root().params.get("verbose", 0) > 0
+    easydub = options.pop("easydub_source", None)
+    if easydub:
+        if options.get("source"):
+            raise click.UsageError("give --source or --easydub-source, not both")
+        options["source"] = f"easydub:{easydub}"
     try:
         cli_params = _parse_params(params)
         config = build_config(config_path, params=cli_params or None, **options)
-        _, store, report = execute(config, verbose=verbose, progress=_progress, step=step)
-        # The summary is the folder's, as `raybench reduce` gives it: ensembles of earlier runs into the same
-        # folder stay in it (a summary never loses an ensemble it had, see write_summary).
-        skipped: list[str] = []
-        rows = reduce_run(store, skipped=skipped)
-        _publish(store, rows, skipped)
+        result = run(config, step=step, verbose=verbose, progress=_progress)
     except (ConfigError, StoreError) as err:
         raise click.UsageError(str(err)) from err
     except EngineError as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(1)
-    click.echo(summary_table(rows))
+    report = result.report
+    click.echo(summary_table(result.summary["rows"]))
     share = f", {100 * report.model_share():.0f}% of worker time in model work" if report.units_run else ""
     click.echo(f"\nrun {report.run_id}: {report.units_run} units run, {report.units_skipped} already complete, "
-               f"{report.wall_s:.1f} s{share}; results in {store.uri}/summary.csv")
+               f"{report.wall_s:.1f} s{share}; results in {result.store.uri}/summary.csv")
 
 
 @main.command("reduce")
 @click.argument("out")
 def reduce_command(out: str) -> None:
     """Recompute summary.csv / summary.json (and report.html) of a run folder from its Parquet margins alone."""
-    from raybench.reduce import reduce_run
+    from raybench.pipeline import summarize
     from raybench.report import summary_table
     from raybench.store import RunStore, StoreError
 
     try:
-        store = RunStore(out)
-        skipped: list[str] = []
-        rows = reduce_run(store, skipped=skipped)
-        _publish(store, rows, skipped)
+        summary, _ = summarize(RunStore(out))
     except StoreError as err:
         raise click.UsageError(str(err)) from err
-    click.echo(summary_table(rows))
-
-
-def _publish(store: RunStore, rows: list[dict], skipped: list[str]) -> None:
-    """summary.csv and summary.json, then report.html and its plots from what was written."""
-    from raybench.reduce import write_summary
-    from raybench.report import write_report
-
-    write_report(store, write_summary(store, rows, skipped=skipped))
+    click.echo(summary_table(summary["rows"]))
 
 
 @main.command("report")
@@ -248,40 +237,67 @@ def report_command(out: str) -> None:
     click.echo(f"\nrun {summary['run']} · KLOM {summary['klom_version']} · {page}")
 
 
+def _import_options(fn):
+    options = [
+        click.option("--forget-sets", required=True, help="Comma-separated forget-set ids of the source, e.g. 2,5."),
+        click.option("--n-models", type=int, default=100, show_default=True,
+                     help="Originals to import (the source's model ids 0..N-1)."),
+        click.option("--n-oracles", type=int, help="Oracles per forget set that score them (ids 0..K-1; default N)."),
+        click.option("--out", required=True, help="Run folder to write: a path or a pyarrow URI (s3://, gs://)."),
+        click.option("--matching-oracles", type=int, default=0, show_default=True,
+                     help="Also import oracles K..K+M-1 of every forget set, with their state dicts: the targets of "
+                          "oracle matching (a later `raybench run` on this folder reuses them)."),
+        click.option("--checkpoints", is_flag=True,
+                     help="Also store the originals' published state dicts, stacked per block (what unlearning "
+                          "starts from)."),
+        click.option("--data-root", type=click.Path(file_okay=False),
+                     help="CIFAR-10 folder (as `raybench run --data-root`): with --checkpoints, first check that "
+                          "published state dicts reproduce the published margins on these images (without it the "
+                          "check is not done); where the source publishes logits, also the top-1 margins."),
+        click.option("--block-size", type=int, default=50, show_default=True,
+                     help="Models per stored unit; `raybench run` on the same folder must use the same."),
+        click.option("--chunk-size", type=int, default=8192, show_default=True, help="Samples per Parquet row."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache for downloads."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("import")
+@click.argument("source", type=click.Choice(["easydub", "klom-models"]))
+@click.option("--from", "location", default="", help="A local folder in the source's hub layout, or a hub repo id "
+              "(default: the source's own repo); only the needed files are downloaded.")
+@click.option("--floor/--no-floor", default=True, show_default=True,
+              help="Also import N more oracles per forget set (after the scoring and matching oracles, never shared "
+                   "with them) as method 'oracle_floor': the oracle-vs-oracle noise floor.")
+@_import_options
+def import_command(source: str, location: str, floor: bool, **options: object) -> None:
+    """Write a published source's originals and oracles into a run folder, ready for `raybench reduce` (scores
+    do_nothing as the publisher's evaluation does) or `raybench run --source SOURCE:FROM` (runs the methods)."""
+    _import(source, location, floor, **options)
+
+
 @main.command("import-easydub")
-@click.option("--source", required=True,
+@click.option("--source", "location", required=True,
               help="A local folder in the EasyDUB hub layout, or a hub repo id (e.g. easydub/EasyDUB-dataset): "
                    "only the needed files are downloaded.")
-@click.option("--forget-sets", required=True, help="Comma-separated EasyDUB forget-set ids, e.g. 2,5.")
-@click.option("--n-models", type=int, default=100, show_default=True,
-              help="Pretrain models to import (hub ids 0..N-1).")
-@click.option("--n-oracles", type=int, help="Oracles per forget set that score them (hub ids 0..K-1; default N).")
-@click.option("--out", required=True, help="Run folder to write: a path or a pyarrow URI (s3://, gs://).")
-@click.option("--matching-oracles", type=int, default=0, show_default=True,
-              help="Also import oracles K..K+M-1 of every forget set, with their state dicts: the targets of oracle "
-                   "matching (a later `raybench run` on this folder reuses them).")
-@click.option("--oracle-floor", is_flag=True,
+@click.option("--oracle-floor", "floor", is_flag=True,
               help="Also import oracles K+M..K+M+N-1 (after the scoring and matching oracles, never shared with "
                    "them) as method 'oracle_floor': the oracle-vs-oracle noise floor.")
-@click.option("--checkpoints", is_flag=True,
-              help="Also store the originals' published state dicts, stacked per block (what unlearning starts from).")
-@click.option("--data-root", type=click.Path(file_okay=False),
-              help="CIFAR-10 folder (as `raybench run --data-root`): with --checkpoints, first check that published "
-                   "state dicts reproduce the hub's margins on these images (without it the check is not done).")
-@click.option("--block-size", type=int, default=50, show_default=True,
-              help="Models per stored unit; `raybench run` on the same folder must use the same.")
-@click.option("--chunk-size", type=int, default=8192, show_default=True, help="Samples per Parquet row.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache for downloads.")
-def import_easydub_command(source: str, forget_sets: str, n_models: int, n_oracles: int | None, out: str,
-                           matching_oracles: int, oracle_floor: bool, checkpoints: bool, data_root: str | None,
-                           block_size: int, chunk_size: int, cache_dir: str | None) -> None:
-    """Write EasyDUB's published CIFAR-10 ResNet-9 margins (originals and oracles) into a run folder.
+@_import_options
+def import_easydub_command(location: str, floor: bool, **options: object) -> None:
+    """`raybench import easydub --from SOURCE`, under its first name (the floor off unless --oracle-floor)."""
+    _import("easydub", location, floor, **options)
 
-    Then `raybench reduce OUT` scores the do-nothing baseline exactly as EasyDUB's eval_pretrain.py does.
-    """
+
+def _import(source: str, location: str, floor: bool, *, forget_sets: str, n_models: int, n_oracles: int | None,
+            out: str, matching_oracles: int, checkpoints: bool, data_root: str | None, block_size: int,
+            chunk_size: int, cache_dir: str | None) -> None:
+    from raybench.config import ConfigError
     from raybench.data import load_dataset
-    from raybench.easydub import EasyDubError, import_easydub
-    from raybench.store import RunStore, StoreError
+    from raybench.pipeline import import_source
+    from raybench.store import StoreError
 
     ids = [s.strip() for s in forget_sets.split(",") if s.strip()]
     try:
@@ -289,12 +305,10 @@ def import_easydub_command(source: str, forget_sets: str, n_models: int, n_oracl
     except ValueError as err:  # CIFAR-10 missing and offline, corrupted files (as `raybench run`)
         raise click.UsageError(str(err)) from err
     try:
-        with RunStore(out).lock():  # like a run: one writer at a time, no empty folder left by a refusal
-            report = import_easydub(source, ids, n_models, out, n_oracles=n_oracles,
-                                    matching_oracles=matching_oracles, oracle_floor=oracle_floor,
-                                    checkpoints=checkpoints, block_size=block_size, chunk_size=chunk_size,
-                                    images=images, cache_dir=cache_dir)
-    except (EasyDubError, StoreError) as err:
+        report = import_source(source, location, ids, n_models, out, n_oracles=n_oracles,
+                               matching_oracles=matching_oracles, floor=floor, checkpoints=checkpoints,
+                               block_size=block_size, chunk_size=chunk_size, images=images, cache_dir=cache_dir)
+    except (ConfigError, StoreError) as err:
         raise click.UsageError(str(err)) from err
     sizes = ", ".join(f"{fs} ({n})" for fs, n in report.forget_set_sizes.items())
     click.echo(f"run {report.run_id} in {report.out}: {len(report.units_written)} units written, "

@@ -3,16 +3,14 @@
 Precedence: CLI option > TOML file > default. Everything is validated here, before Ray starts, so a typo costs
 an exit code 2 and a clear message, not a cluster allocation.
 
-TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``forget_sets``, ``methods``,
-``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``, ``easydub_source``,
-``floor``),
-plus tables ``[recipe]`` (base training overrides) and ``[params.<method>]`` (method parameters; a list value
-sweeps over its items, except ``epochs``, the list of snapshots to score).
+TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``n_oracles``, ``forget_sets``,
+``methods``, ``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``,
+``source``, ``floor``), plus tables ``[recipe]`` (base training overrides) and ``[params.<method>]`` (method
+parameters; a list value sweeps over its items, except ``epochs``, the list of snapshots to score).
 
-``easydub_source`` (a folder in the EasyDUB hub layout, or the hub repo id) switches a CIFAR-10 / ResNet-9 run
-from training its own originals and oracles to EasyDUB's published ones: pretrain models ``0..n_models-1`` are
-the originals, oracles ``0..n_models-1`` of each forget set score KLOM, oracles from ``n_models`` on are the
-matching oracles of oracle matching (``raybench.easydub.allocate_oracles``), and only the unlearning runs here.
+``source`` names where the run's originals and oracles come from (``raybench.sources``): ``"trained"`` (the
+default: trained here on Ray) or a published source as ``"NAME"`` or ``"NAME:FOLDER_OR_REPO"``; then only the
+unlearning runs here, starting from the source's models.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from pathlib import Path
 
 from raybench import spec
 from raybench.data import DATASETS
-from raybench.easydub import FORGET_ID, EasyDubError, allocate_oracles, run_identity
 from raybench.ids import digest
 from raybench.models import ARCHS
 from raybench.training import Recipe, default_recipe
@@ -43,6 +40,7 @@ class RunConfig:
     data_root: str = ""  # where downloadable data sets live (e.g. CIFAR-10); unused by digits
     arch: str = ""  # empty: the dataset's default
     n_models: int = 100
+    n_oracles: int | None = None  # oracles per forget set that score the methods (default: n_models)
     forget_sets: tuple[str, ...] = ("1", "2", "3")
     methods: tuple[str, ...] = ("all",)
     params: dict = field(default_factory=dict)  # method -> {param: value or list (sweep)}
@@ -54,8 +52,8 @@ class RunConfig:
     address: str = ""  # empty: start a local Ray (or join RAY_ADDRESS when set)
     num_cpus: int | None = None
     num_gpus: int | None = None
-    easydub_source: str = ""  # empty: train originals and oracles here; else use EasyDUB's published ones
-    floor: bool = True  # train the oracle_floor ensemble (N more oracles per forget set; not in an EasyDUB run)
+    source: str = "trained"  # where originals and oracles come from: "trained", or "NAME[:FOLDER_OR_REPO]"
+    floor: bool = True  # the oracle_floor ensemble: N more oracles per forget set, scored like a method
 
     @property
     def resolved_arch(self) -> str:
@@ -72,13 +70,9 @@ class RunConfig:
             raise ConfigError(f"bad recipe: {err}") from err
 
     def identity(self) -> dict:
-        """What gives stored units their meaning; two configs with equal identity can share a run folder.
-
-        An EasyDUB run's identity is the import's (``raybench.easydub.run_identity``): nothing here trained its
-        models, so no recipe or seed gives them their meaning (the recipe still goes into unlearn unit ids)."""
-        if self.easydub_source:
-            return run_identity(self.n_models, self.block_size, self.chunk_size)
-        return {
+        """What gives trained units their meaning; two configs with equal identity can share a run folder. A
+        source that imports its models has its own identity (``Source.identity``)."""
+        identity = {
             "dataset": self.dataset,
             "arch": self.resolved_arch,
             "recipe": self.resolved_recipe().to_dict(),
@@ -87,9 +81,14 @@ class RunConfig:
             "chunk_size": self.chunk_size,
             "seed": self.seed,
         }
+        if self.n_oracles is not None and self.n_oracles != self.n_models:
+            identity["n_oracles"] = self.n_oracles
+        return identity
 
     def output_uri(self) -> str:
-        return self.out or str(Path("runs") / f"{self.dataset}-{digest(self.identity(), 8)}")
+        """``out``, else ``runs/<dataset>-<digest>`` of what the run computes (its source included)."""
+        key = self.identity() if self.source == "trained" else {**self.identity(), "source": self.source}
+        return self.out or str(Path("runs") / f"{self.dataset}-{digest(key, 8)}")
 
 
 def load_toml(path: str) -> dict:
@@ -155,7 +154,7 @@ MAX_BLOCK_SIZE = 10_000
 activations and gradients; 100,000 exhausted 23 GB). Larger architectures need far smaller blocks, which this
 bound cannot judge."""
 
-_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "easydub_source")
+_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source")
 
 
 def validate(config: RunConfig) -> None:
@@ -182,6 +181,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{key} = {value} is more than raybench plans (at most {high:,})")
     if config.n_models < 2:
         raise ConfigError("n_models must be at least 2: KLOM compares distributions over models")
+    if config.n_oracles is not None:
+        _check(spec.integer(2, spec.MAX_MODELS), "n_oracles", config.n_oracles)
     _check(spec.integer(-(1 << 63), (1 << 63) - 1), "seed", config.seed)
     if not isinstance(config.floor, bool):
         raise ConfigError(f"floor must be true or false, got {config.floor!r}")
@@ -201,8 +202,12 @@ def validate(config: RunConfig) -> None:
     from raybench.plan import plan_method_runs  # here: plan imports this module
 
     plan_method_runs(config)  # every method parameter's type and range, and every sweep's values distinct
-    if config.easydub_source:
-        _validate_easydub(config)
+    from raybench.sources import SourceError, source_for  # here: sources import this module
+
+    try:
+        source_for(config.source).check(config)  # a source that cannot provide the run refuses it before any work
+    except SourceError as err:
+        raise ConfigError(str(err)) from err
     remote = bool(config.address) or bool(os.environ.get("RAY_ADDRESS"))
     out = config.output_uri()
     if remote and "://" not in out and not os.path.isabs(out):
@@ -217,16 +222,3 @@ def _check(check: spec.Param, name: str, value: object) -> None:
         check.check(name, value)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-
-
-def _validate_easydub(config: RunConfig) -> None:
-    if (config.dataset, config.resolved_arch) != ("cifar10", "resnet9"):
-        raise ConfigError("easydub_source needs dataset = \"cifar10\" and arch = \"resnet9\": EasyDUB publishes "
-                          f"CIFAR-10 ResNet-9s (got {config.dataset} / {config.resolved_arch})")
-    bad = [fs for fs in config.forget_sets if not FORGET_ID.fullmatch(fs)]
-    if bad:
-        raise ConfigError(f"forget sets of an EasyDUB run are EasyDUB's ids 1..10, got {', '.join(bad)}")
-    try:  # the scoring oracles alone; with matching oracles the engine checks again (import_published)
-        allocate_oracles(config.n_models)
-    except EasyDubError as err:
-        raise ConfigError(str(err)) from err

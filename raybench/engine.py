@@ -4,8 +4,6 @@
   finds a free CPU, docs/design.md#actors-and-cpus) keeps the data set resident and runs one *unit* (a stacked block of
   models) per call. Calls return two objects: the unit's margins as an Arrow table and its metadata. The data set is the
   driver's loaded copy, put in the object store once: worker nodes need no data root.
-* An EasyDUB run (``easydub_source``) first imports the published models on the driver (``import_published``);
-  its plan then holds only unlearn units to run.
 * As units finish, their tables go into a Ray Dataset (``from_arrow_refs``, no copy through the driver) that is
   written to Parquet (``partition_cols=["unit"]``) under ``staging/``; each unit is then committed (moved into
   its hive folder, manifest written last). Writing happens in waves while the actors keep training.
@@ -24,7 +22,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -35,13 +32,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raybench.config import ConfigError, RunConfig
-from raybench.data import Dataset, ForgetSet, load_dataset
-from raybench.easydub import EasyDubError, allocate_oracles, import_easydub, record_images
-from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, matching_oracle_count, plan_method_runs
+from raybench.config import RunConfig
+from raybench.data import Dataset
+from raybench.plan import Plan, Unit
 from raybench.store import PARQUET_WRITE_OPTIONS, RunStore, StoreError
 from raybench.units import UnitContext, run_unit
-from raybench.versions import collect_versions
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +46,6 @@ IN_FLIGHT_PER_WORKER = 2  # one running, one queued: the worker never waits for 
 RESTART_PAUSE_S = 0.5  # between pings of a worker that is restarting
 MAX_RESTART_WAIT_S = 120.0  # a worker not answering pings for this long is replaced
 FLUSH_SECONDS = 15.0  # write finished units at least this often (a killed driver loses at most this much work)
-
-KILL_WORKER_ENV = "RAYBENCH_TEST_KILL_WORKER"
-"""Test hook (fault-injection tests only): comma-separated unit ids. The *first* attempt of each such unit kills
-its worker process with SIGKILL after the unit's work is done (checkpoint written) but before the result is
-returned: the worst moment for a fault, side effects done and nothing committed. Read by the driver, which
-passes a flag with the call; unset (every normal run) it changes nothing."""
-
 
 class EngineError(RuntimeError):
     """Some units failed; the others are committed and a rerun retries only the failed ones."""
@@ -119,113 +107,6 @@ def start_ray(config: RunConfig | None = None, verbose: bool = False) -> bool:
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-write INFO lines drown the progress
     return not address
-
-
-def record_forget_sets(store: RunStore, plan: Plan) -> dict[str, np.ndarray]:
-    """Store each forget set's indices with the run; refuse a set whose id now means other indices."""
-    for fs_id, fs in plan.forget_sets.items():
-        if not store.record_forget_set(fs_id, fs.description, fs.indices):
-            raise ConfigError(f"forget set {fs_id!r} in {store.uri} has other indices than the one given now; "
-                              "give it another name or use a new --out folder")
-    return {fs_id: fs.indices for fs_id, fs in plan.forget_sets.items()}
-
-
-STEPS = ("all", "train", "unlearn")
-
-
-def execute(config: RunConfig, *, verbose: bool = False, progress: Callable[[str], None] | None = None,
-            step: str = "all") -> tuple[Plan, RunStore, RunReport]:
-    """Plan the run, skip finished units, run the rest on Ray; the summary is made by ``reduce`` afterwards.
-
-    ``step``: ``"train"`` runs only the train units (originals, oracles, matching oracles), ``"unlearn"`` only
-    the unlearn units, which needs the train units they start from to be committed already; ``"all"`` both.
-    """
-    if step not in STEPS:
-        raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
-    store = RunStore(config.output_uri())
-    with store.lock():  # one run at a time per folder; a refused run leaves no new folder behind
-        return _execute(config, store, verbose=verbose, progress=progress, step=step)
-
-
-def _execute(config: RunConfig, store: RunStore, *, verbose: bool, progress: Callable[[str], None] | None,
-             step: str) -> tuple[Plan, RunStore, RunReport]:
-    t0 = time.perf_counter()
-    try:
-        dataset = load_dataset(config.dataset, config.data_root or None)
-    except ValueError as err:  # CIFAR-10 missing and offline, corrupted files: the user's to fix, exit code 2
-        raise ConfigError(str(err)) from err
-    check_unit_sizes(config, plan_method_runs(config), dataset.n_train + dataset.n_val)  # before any import
-    versions = collect_versions()  # recorded in run.json, never part of its identity
-    if config.easydub_source:
-        plan = make_plan(config, dataset, import_published(config, dataset, store))
-        run_id = store.open_run(config.identity(), versions)
-    else:
-        plan = make_plan(config, dataset)
-        run_id = store.open_run({**config.identity(), "data": dataset.fingerprint()}, versions)
-        store.write_json(store.path("dataset.json"), {
-            "name": dataset.name, "fingerprint": dataset.fingerprint(), "n_train": dataset.n_train,
-            "n_val": dataset.n_val, "source_train": dataset.source_train.tolist(),
-            "source_val": dataset.source_val.tolist()})
-    forget_indices = record_forget_sets(store, plan)
-    store.clean_uncommitted()  # leftovers of an interrupted driver or a killed worker: never committed, never read
-    done = store.completed_units()
-    store.verify_units(done[u.id] for u in plan.units if u.id in done)  # a damaged unit is refused, not built on
-    missing = [u.id for u in plan.units if u.kind == "import" and u.id not in done]
-    if missing:  # the plan and the import disagree on unit ids: a bug, never something to train around
-        raise StoreError(f"{len(missing)} imported unit(s) the plan needs are not in {store.uri}: {missing[:3]}")
-    selected = [u for u in plan.units if step == "all" or u.kind == step]
-    todo = [u for u in selected if u.id not in done]
-    waiting = {dep for u in todo for dep in u.depends_on if dep not in done}  # "all" trains them first
-    if step == "unlearn" and waiting:
-        raise ConfigError(f"{len(waiting)} train unit(s) that these methods start from are not in {store.uri} yet: "
-                          "run `raybench train` with the same config first (or `raybench run`, which does both)")
-    report = RunReport(run_id, store.uri, len(selected), len(selected) - len(todo), 0)
-    say = progress or (lambda msg: log.info(msg))
-    if report.units_skipped:
-        skipped_models = sum(u.n_models for u in selected if u.id in done)
-        say(f"resuming {store.uri}: {report.units_skipped} of {len(selected)} units ({skipped_models} models) "
-            f"already complete, skipped; {len(todo)} to run")
-    if todo:
-        owns_ray = start_ray(config, verbose)
-        try:
-            _run_units(todo, plan, dataset, store, run_id, forget_indices, report, say)
-        finally:
-            if owns_ray:
-                import ray
-
-                ray.shutdown()
-    report.wall_s = time.perf_counter() - t0
-    if report.failed:
-        lines = "\n".join(f"  {uid}: {err.strip().splitlines()[-1] if err.strip() else err}"
-                          for uid, err in report.failed.items())
-        raise EngineError(f"{len(report.failed)} unit(s) failed (the rest are saved; rerun to retry):\n{lines}")
-    return plan, store, report
-
-
-def import_published(config: RunConfig, dataset: Dataset, store: RunStore) -> dict[str, ForgetSet]:
-    """An EasyDUB run's first step, on the driver (``raybench.easydub``): import the published originals (with
-    checkpoints unless do_nothing is the only method), the scoring oracles and the matching oracles oracle
-    matching needs; return the forget sets, read from the hub files. With checkpoints, the import first checks
-    on ``dataset``'s images that the published state dicts reproduce the hub's margins. Finished imports are
-    skipped, so this is cheap on a rerun."""
-    method_runs = plan_method_runs(config)
-    n_matching = matching_oracle_count(config, method_runs)
-    try:
-        # the capacity check, with the n_models that fits when oracle matching's count grows with n_models
-        allocate_oracles(config.n_models, matching_oracles=lambda n: matching_oracle_count(
-            dataclasses.replace(config, n_models=n), method_runs))
-        report = import_easydub(config.easydub_source, config.forget_sets, config.n_models, store.uri,
-                                block_size=config.block_size, chunk_size=config.chunk_size,
-                                matching_oracles=n_matching,
-                                checkpoints=any(r.method.fn is not None for r in method_runs),  # do_nothing: none
-                                images=dataset)
-        record_images(store, dataset.fingerprint())
-    except EasyDubError as err:
-        raise ConfigError(str(err)) from err
-    log.info("EasyDUB import into %s: %d units written, %d already there", store.uri, len(report.units_written),
-             len(report.units_skipped))
-    return {fs: ForgetSet(fs, idx, f"EasyDUB forget set {fs} ({len(idx)} train samples)")
-            for fs, idx in report.forget_sets.items()}
 
 
 def _worker_options(n_units: int) -> tuple[int, dict, int]:
@@ -319,8 +200,9 @@ class _Pool:
             ray.kill(actor)
 
 
-def _run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, run_id: str,
-               forget_indices: dict[str, np.ndarray], report: RunReport, say: Callable[[str], None]) -> None:
+def run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, run_id: str,
+              forget_indices: dict[str, np.ndarray], report: RunReport, say: Callable[[str], None], *,
+              kill_after: Callable[[Unit], bool] | None = None) -> None:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -334,7 +216,6 @@ def _run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, 
     worker_cls = ray.remote(_Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=0, **options)
     pool = _Pool(n_workers, lambda: worker_cls.remote(ctx_ref, threads))
     log.info("started %d workers (%s, %d torch threads each)", n_workers, options, threads)
-    kill_on_first_attempt = {u for u in os.environ.get(KILL_WORKER_ENV, "").split(",") if u}
 
     pending = deque(todo)
     in_flight: dict = {}  # meta ref -> (unit, table ref, worker index, worker generation)
@@ -372,7 +253,7 @@ def _run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, 
                 if not ready(unit):
                     pending.append(unit)
                     continue
-                die = unit.id in kill_on_first_attempt and unit.id not in attempts
+                die = kill_after is not None and unit.id not in attempts and kill_after(unit)
                 table_ref, meta_ref = pool.actors[worker].run.options(num_returns=2).remote(unit, die)
                 in_flight[meta_ref] = (unit, table_ref, worker, pool.generation[worker])
                 pool.load[worker] += 1
@@ -549,6 +430,6 @@ class _Worker:
 
     def run(self, unit: Unit, die_when_done: bool = False) -> tuple:
         result = run_unit(unit, self.ctx)
-        if die_when_done:  # KILL_WORKER_ENV test hook: a worker process lost mid-unit
+        if die_when_done:  # the kill_after test hook of run_units: a worker process lost mid-unit
             os.kill(os.getpid(), signal.SIGKILL)
         return result

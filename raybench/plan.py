@@ -12,7 +12,7 @@ Units:
   oracle ensemble per forget set, trained on the retain set like the oracles but with its own seeds (the
   ``floor_oracle`` stream, disjoint from the oracles' and the matching oracles'), and scored against the oracles
   like a method: KLOM of exact unlearning at this N, the noise floor every method's row is read against. It is
-  stored exactly as EasyDUB's imported floor is (role ``unlearned``, method ``oracle_floor``, params ``{}``), so
+  stored exactly as an imported floor is (role ``unlearned``, method ``oracle_floor``, params ``{}``), so
   reduce scores both the same way; its epoch is the recipe's epochs (what a train unit stores).
 
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
@@ -22,22 +22,27 @@ and ``MARGINS_VERSION``, unlearn units their method's ``version``, ``TRAINING_VE
 ``retrain`` does, also on imported originals) and ``MARGINS_VERSION``. Bumping a method's version recomputes its
 units and nothing else; package versions are recorded with the results, never hashed.
 
-With ``easydub_source`` set, originals, oracles and matching oracles are not trained: they are ``import`` units
-(EasyDUB's published models, written by ``raybench.easydub.import_easydub`` before anything runs, under the ids
-``import_unit_id`` gives them), and only the unlearn units run on Ray.
+The ensembles come from the run's source (``raybench.sources``): the plan asks it which of its models hold each
+one (``Source.model_ids``) and makes all unit ids here, in one place. A source that trains gets ``train`` units; one
+that imports (published models) gets ``import`` units (``import_units``), which it writes before anything runs;
+then only the unlearn units run on Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from raybench import training
 from raybench.config import ConfigError, RunConfig
 from raybench.data import Dataset, ForgetSet, resolve_forget_set
-from raybench.easydub import EasyDubError, allocate_oracles
 from raybench.ids import digest, ensemble_seeds, model_seed
 from raybench.methods import Method, expand_grid, params_json, resolve_methods, snapshot_epochs
 from raybench.store import FLOOR_METHOD
+
+if TYPE_CHECKING:
+    from raybench.sources.base import Source
 
 NO_FORGET_SET = "none"  # forget_set of originals: they are trained on all train samples
 NO_SEED = -1  # the seed of an imported model: not seeded by raybench
@@ -59,6 +64,7 @@ class Unit:
     depends_on: tuple[str, ...] = ()  # unlearn: the originals' train unit, then any matching-oracle units
     method_seed: int = 0
     code_versions: dict = field(default_factory=dict)  # the code versions hashed into ``id`` (see module doc)
+    checkpoint: bool = False  # import units: also store the models' checkpoint (something starts from them)
 
     @property
     def params_json(self) -> str:
@@ -67,6 +73,17 @@ class Unit:
     @property
     def n_models(self) -> int:
         return len(self.model_ids)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """One ensemble the plan asks a source for: ``count`` models of ``role`` for ``forget_set`` (``"none"`` for the
+    originals), stored under ``method`` (``"none"``, or ``oracle_floor`` for the noise-floor ensemble)."""
+
+    role: str  # "original" | "oracle" | "matching_oracle" | "unlearned"
+    forget_set: str
+    count: int
+    method: str = "none"
 
 
 def id_blocks(first: int, count: int, size: int) -> list[tuple[int, ...]]:
@@ -118,36 +135,28 @@ def matching_oracle_count(config: RunConfig, method_runs: list[MethodRun]) -> in
     return max(counts, default=0)
 
 
-def _matching_oracles(config: RunConfig, fs_id: str, fs_digest: str, count: int, identity: dict) -> list[Unit]:
-    """Train units for the oracles that oracle-matching methods fine-tune against (disjoint seeds)."""
-    if config.easydub_source:  # published oracles beyond the scoring ones, where the import put them
-        try:
-            ids = allocate_oracles(config.n_models, matching_oracles=count).matching
-        except EasyDubError as err:
-            raise ConfigError(str(err)) from err
-        return _imported(identity, "matching_oracle", fs_id, ids.start, len(ids), config.block_size)
-    units = []
-    all_seeds = ensemble_seeds(config.seed, "matching_oracle", fs_id, n=count)
-    for ids in id_blocks(0, count, config.block_size):
-        seeds = tuple(all_seeds[i] for i in ids)
-        versions = train_versions()
-        unit_id = digest({"kind": "train", "role": "matching_oracle", "forget": fs_digest, "seeds": seeds,
-                          "identity": identity, "versions": versions})
-        units.append(Unit(unit_id, "train", "matching_oracle", fs_id, ids, seeds, code_versions=versions))
-    return units
+TRAIN_STREAMS = {"original": "original", "oracle": "oracle", "matching_oracle": "matching_oracle",
+                 "unlearned": "floor_oracle"}
+"""The seed stream of each trained ensemble (``ids.ensemble_seeds``): disjoint, so no two ensembles share a model;
+the floor's stream is named after what it is, oracles with their own seeds."""
 
 
-def _floor_oracles(config: RunConfig, fs_id: str, fs_digest: str, identity: dict) -> list[Unit]:
-    """Train units of the noise-floor ensemble: N oracles on the retain set with seeds of their own, stored as the
-    "unlearned" models of method ``oracle_floor`` (no checkpoint: nothing starts from them)."""
+def _trained(config: RunConfig, request: Ensemble, ids: range, fs_digest: str | None, identity: dict) -> list[Unit]:
+    """Train units of one ensemble, in blocks: seeds from the ensemble's own stream, ids hashing what defines the
+    output (the forget set's indices, seeds, run identity, code versions)."""
+    stream = TRAIN_STREAMS[request.role]
+    fs_args = () if request.role == "original" else (request.forget_set,)
+    all_seeds = ensemble_seeds(config.seed, stream, *fs_args, n=ids.stop)
     units = []
-    all_seeds = ensemble_seeds(config.seed, "floor_oracle", fs_id, n=config.n_models)
-    for ids in id_blocks(0, config.n_models, config.block_size):
-        seeds = tuple(all_seeds[i] for i in ids)
+    for block in id_blocks(ids.start, len(ids), config.block_size):
+        seeds = tuple(all_seeds[i] for i in block)
         versions = train_versions()
-        unit_id = digest({"kind": "train", "role": "floor_oracle", "forget": fs_digest, "seeds": seeds,
-                          "identity": identity, "versions": versions})
-        units.append(Unit(unit_id, "train", "unlearned", fs_id, ids, seeds, FLOOR_METHOD, code_versions=versions))
+        key = {"kind": "train", "role": "floor_oracle" if request.role == "unlearned" else request.role}
+        if fs_digest is not None:
+            key["forget"] = fs_digest
+        unit_id = digest({**key, "seeds": seeds, "identity": identity, "versions": versions})
+        units.append(Unit(unit_id, "train", request.role, request.forget_set, block, seeds, request.method,
+                          code_versions=versions))
     return units
 
 
@@ -161,9 +170,43 @@ def unlearn_versions(method: Method) -> dict:
     return {"method": method.version, "training": training.TRAINING_VERSION, "margins": training.MARGINS_VERSION}
 
 
-def _imported(identity: dict, role: str, fs_id: str, first: int, count: int, block_size: int) -> list[Unit]:
-    """The import units holding EasyDUB's models ``first .. first+count-1`` of one role and forget set."""
-    return import_units("easydub", identity, role, fs_id, range(first, first + count), block_size)
+def ensemble_requests(forget_sets: list[str], *, n_models: int, n_oracles: int, n_matching: int,
+                      floor: bool) -> list[Ensemble]:
+    """The ensembles a run needs from its source: originals, then per forget set the scoring oracles, the matching
+    oracles of oracle matching and the ``oracle_floor`` ensemble, in the order a source hands out its models."""
+    requests = [Ensemble("original", NO_FORGET_SET, n_models)]
+    for fs in forget_sets:
+        requests.append(Ensemble("oracle", fs, n_oracles))
+        if n_matching:
+            requests.append(Ensemble("matching_oracle", fs, n_matching))
+        if floor:
+            requests.append(Ensemble("unlearned", fs, n_models, FLOOR_METHOD))
+    return requests
+
+
+def source_units(config: RunConfig, source: Source, identity: dict, forget_sets: dict[str, ForgetSet], *,
+                 n_oracles: int, n_matching: int, floor: bool, checkpoints: bool) -> list[Unit]:
+    """The units of every ensemble the run takes from ``source``, in execution order: train units for a source that
+    trains, import units (the source's model ids, ``import_units``) for one that imports. ``checkpoints``: store
+    the originals' checkpoints (something unlearns from them); matching oracles always carry theirs."""
+    requests = ensemble_requests(list(forget_sets), n_models=config.n_models, n_oracles=n_oracles,
+                                 n_matching=n_matching, floor=floor)
+    try:
+        ids = source.model_ids(config, requests)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    units: list[Unit] = []
+    for request in requests:
+        fs = forget_sets.get(request.forget_set)
+        if source.trains:
+            fs_digest = None if fs is None else digest(fs.indices.tolist())
+            units.extend(_trained(config, request, ids[request], fs_digest, identity))
+            continue
+        blocks = import_units(source.name, identity, request.role, request.forget_set, ids[request],
+                              config.block_size, request.method)
+        keep = request.role == "matching_oracle" or (request.role == "original" and checkpoints)
+        units.extend(dataclasses.replace(u, checkpoint=keep) for u in blocks)
+    return units
 
 
 def plan_method_runs(config: RunConfig) -> list[MethodRun]:
@@ -204,57 +247,25 @@ def check_unit_sizes(config: RunConfig, method_runs: list[MethodRun], n_samples:
                           "lower block_size or the number of snapshot epochs")
 
 
-def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, ForgetSet] | None = None) -> Plan:
-    """All units of ``config``, originals first, then oracles, then unlearning (a valid execution order).
-
-    ``forget_sets`` (id -> set) replaces resolving ``config.forget_sets`` on ``dataset``: an EasyDUB run takes
-    them from the hub files it imported.
-    """
-    identity = config.identity()
-    if forget_sets is None:
-        try:
-            resolved = [resolve_forget_set(spec, dataset) for spec in config.forget_sets]
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        forget_sets = {fs.id: fs for fs in resolved}  # keyed by id: a file's id is its stem
-        if len(forget_sets) != len(resolved):
-            raise ConfigError(f"two forget sets share an id: {', '.join(fs.id for fs in resolved)} (rename a file)")
+def make_plan(config: RunConfig, dataset: Dataset | None, forget_sets: dict[str, ForgetSet], source: Source,
+              identity: dict) -> Plan:
+    """All units of ``config``, originals first, then per forget set its oracles, matching oracles and floor, then
+    unlearning (a valid execution order). ``forget_sets`` and ``identity`` are the source's; an unlearn unit
+    depends on the originals' unit it starts from and, for a method that matches oracles, on the matching
+    oracles' units, as the method declares (``Method.needs_oracles``; ``do_nothing``, with no ``fn``, needs
+    nothing and has no units)."""
     method_runs = plan_method_runs(config)
-    check_unit_sizes(config, method_runs, dataset.n_train + dataset.n_val)
+    if dataset is not None:
+        check_unit_sizes(config, method_runs, dataset.n_train + dataset.n_val)
     n_matching = matching_oracle_count(config, method_runs)
+    unlearns = any(r.method.fn is not None for r in method_runs)
+    units = source_units(config, source, identity, forget_sets, n_oracles=config.n_oracles or config.n_models,
+                         n_matching=n_matching, floor=config.floor, checkpoints=unlearns)
+    originals = [u for u in units if u.role == "original"]
     recipe = config.resolved_recipe().to_dict()
-
-    units: list[Unit] = []
-    if config.easydub_source:
-        originals = _imported(identity, "original", NO_FORGET_SET, 0, config.n_models, config.block_size)
-    else:
-        originals = []
-        original_seeds = ensemble_seeds(config.seed, "original", n=config.n_models)
-        for ids in id_blocks(0, config.n_models, config.block_size):
-            seeds = tuple(original_seeds[i] for i in ids)
-            versions = train_versions()
-            unit_id = digest({"kind": "train", "role": "original", "seeds": seeds, "identity": identity,
-                              "versions": versions})
-            originals.append(Unit(unit_id, "train", "original", NO_FORGET_SET, ids, seeds, code_versions=versions))
-    units.extend(originals)
-    for fs in forget_sets.values():
-        if config.easydub_source:
-            units.extend(_imported(identity, "oracle", fs.id, 0, config.n_models, config.block_size))
-            continue
-        fs_digest = digest(fs.indices.tolist())
-        oracle_seeds = ensemble_seeds(config.seed, "oracle", fs.id, n=config.n_models)
-        for ids in id_blocks(0, config.n_models, config.block_size):
-            seeds = tuple(oracle_seeds[i] for i in ids)
-            versions = train_versions()
-            unit_id = digest({"kind": "train", "role": "oracle", "forget": fs_digest, "seeds": seeds,
-                              "identity": identity, "versions": versions})
-            units.append(Unit(unit_id, "train", "oracle", fs.id, ids, seeds, code_versions=versions))
-        if config.floor:  # an EasyDUB run's floor is the import's (``import-easydub --oracle-floor``)
-            units.extend(_floor_oracles(config, fs.id, fs_digest, identity))
     for fs in forget_sets.values():
         fs_digest = digest(fs.indices.tolist())
-        matching = _matching_oracles(config, fs.id, fs_digest, n_matching, identity) if n_matching else []
-        units.extend(matching)
+        matching = [u for u in units if u.role == "matching_oracle" and u.forget_set == fs.id]
         for run in method_runs:
             if run.method.fn is None:
                 continue
@@ -272,6 +283,18 @@ def make_plan(config: RunConfig, dataset: Dataset, forget_sets: dict[str, Forget
                                   versions))
     _check_unique(units)
     return Plan(config, forget_sets, tuple(method_runs), tuple(units))
+
+
+def resolve_forget_sets(config: RunConfig, dataset: Dataset) -> dict[str, ForgetSet]:
+    """``config.forget_sets`` (built-in ids or index files) on ``dataset``, keyed by id (a file's id is its stem)."""
+    try:
+        resolved = [resolve_forget_set(spec, dataset) for spec in config.forget_sets]
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    forget_sets = {fs.id: fs for fs in resolved}
+    if len(forget_sets) != len(resolved):
+        raise ConfigError(f"two forget sets share an id: {', '.join(fs.id for fs in resolved)} (rename a file)")
+    return forget_sets
 
 
 def _check_unique(units: list[Unit]) -> None:

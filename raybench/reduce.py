@@ -18,9 +18,8 @@ import functools
 import io
 import json
 import logging
-import os
-import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,6 +143,9 @@ class ChunkJob:
     label: str  # for error messages
 
 
+TaskMapper = Callable[[Callable, list], Iterator]
+"""Runs ``fn(*item)`` for every item and yields the results in item order (``raybench.engine.map_tasks``)."""
+
 ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """Per sample of one chunk: KLOM, degenerate flag, top-1 accuracy of the ensemble, of the oracles (NaN where
 some model's top-1 margins are not stored)."""
@@ -206,14 +208,15 @@ class _Scoring:
 
 
 def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
-               methods: list[tuple[str, str]] | None = None, parallel: bool | None = None,
+               methods: list[tuple[str, str]] | None = None, mapper: TaskMapper | None = None,
                skipped: list[str] | None = None) -> list[dict]:
     """Summary rows for every complete (forget set, method, params) group, or only the ones asked for.
 
     ``methods`` is a list of (method, params JSON); ``do_nothing`` is scored from the originals.
-    ``parallel``: run the per-(group, split, chunk) jobs as Ray tasks (True; needs Ray started or
-    ``RAY_ADDRESS``), in this process (False), or decide (None: Ray tasks only on a cluster of more than one
-    node). Both give the same rows bit for bit: every job is computed by the same code on the same inputs.
+    ``mapper``: how the per-(group, split, chunk) jobs run, ``mapper(score_chunk_at, [(uri, job), ...])`` yielding
+    the results in order (``raybench.engine.map_tasks``: Ray tasks, which the pipeline passes on a cluster of
+    several nodes); None runs them in this process. Both give the same rows bit for bit: every job is computed by
+    the same code on the same inputs.
     ``skipped`` (if given) is appended one line per ensemble left out as incomplete, for ``write_summary``.
     Every file read is first checked against its manifest, and every unit against its forget set's record
     (``StoreError`` otherwise): a damaged folder gives no numbers rather than wrong ones.
@@ -271,13 +274,9 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                 width = min(chunk_size, n - chunk * chunk_size)
                 jobs.append(ChunkJob(files, oracle_files, sc.stored_epochs, split, chunk, width,
                                      sc.group.n_models, sc.oracle.n_models, label))
-    if parallel is None:
-        parallel = bool(jobs) and _on_a_cluster()
-    if parallel:
-        from raybench.engine import map_tasks
-
-        log.info("reducing %d chunk jobs as Ray tasks", len(jobs))
-        results = map_tasks(score_chunk_at, [(store.uri, job) for job in jobs])
+    if mapper is not None and jobs:
+        log.info("reducing %d chunk jobs through %s", len(jobs), getattr(mapper, "__name__", "the task mapper"))
+        results = mapper(score_chunk_at, [(store.uri, job) for job in jobs])
     else:
         results = (score_chunk(store, job) for job in jobs)  # lazily: one job's matrices in memory at a time
 
@@ -295,16 +294,6 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
         for k, epoch in enumerate(sc.epochs):
             rows.extend(_rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"]))
     return rows
-
-
-def _on_a_cluster() -> bool:
-    """Whether a multi-node Ray is at hand; cheap when none is (no Ray or torch import just to find out)."""
-    ray = sys.modules.get("ray")
-    if not (ray is not None and ray.is_initialized()) and not os.environ.get("RAY_ADDRESS"):
-        return False
-    from raybench.engine import cluster_for_reduce
-
-    return cluster_for_reduce()
 
 
 def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[str, int], run_id: str

@@ -364,6 +364,26 @@ class RunStore:
             f"{FORMAT_VERSION}: use the raybench version that wrote it, or a new --out folder"
         )
 
+    # -- the data set ------------------------------------------------------------------------------------------
+    def record_dataset(self, record: dict) -> None:
+        """``dataset.json``: the sizes (and, where known, the fingerprint and source ids) of the data the margins
+        cover. A record that disagrees with the folder's is refused; a ``fingerprint`` of None (an import, whose
+        hub files carry no images) is filled in by the first run that unlearns with images, and other images are
+        refused from then on, since its margins were computed on the first ones."""
+        path = self.path("dataset.json")
+        if self.exists(path):
+            existing = self.read_json(path)
+            if {**existing, "fingerprint": None} != {**record, "fingerprint": None}:
+                raise StoreError(f"{path} describes other data than this run's (sizes or sample ids differ); use a "
+                                 "new --out folder")
+            old, new = existing.get("fingerprint"), record.get("fingerprint")
+            if new is None or old == new:
+                return
+            if old is not None:
+                raise StoreError(f"{self.uri} was computed on other images (fingerprint {old}, these are {new}); "
+                                 "use a new --out folder")
+        self.write_json(path, record)
+
     # -- forget sets --------------------------------------------------------------------------------------------
     def forget_set_path(self, set_id: str) -> str:
         return self.path("forget_sets", f"{set_id}.json")

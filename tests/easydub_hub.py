@@ -252,3 +252,10 @@ def assert_rows_match(rows: list[dict], fs: str, method: str, expected: dict[str
         for q in (5, 25, 50, 75, 95, 99):
             assert row[f"klom_p{q}"] == pytest.approx(float(np.percentile(values, q)), abs=1e-9), (split, q)
         assert row["klom_p95"] > 0  # not a vacuous comparison
+
+
+def import_easydub(location, forget_sets, n_models, out, *, oracle_floor=False, **kwargs):
+    """The EasyDUB import as the tests call it: ``raybench import easydub`` in Python (``pipeline.import_source``)."""
+    from raybench.pipeline import import_source
+
+    return import_source("easydub", location, forget_sets, n_models, out, floor=oracle_floor, **kwargs)

@@ -230,7 +230,7 @@ def test_reduce_of_an_interrupted_import_writes_no_empty_summary(run):
 
 def test_write_summary_refuses_rows_lacking_an_ensemble_of_the_summary(run):
     store = RunStore(str(run))
-    rows = reduce_run(store, parallel=False)
+    rows = reduce_run(store)
     before = (run / "summary.csv").read_bytes()
     with pytest.raises(StoreError, match="on forget set 1"):
         write_summary(store, [r for r in rows if r["forget_set"] != "1"])

@@ -16,7 +16,7 @@ from torchvision.datasets import CIFAR10
 from raybench.config import build_config
 from raybench.data import DATASETS, builtin_forget_sets, load_dataset, resolve_forget_set
 from raybench.data.cifar10 import BASE_FOLDER, MEAN, STD, Cifar10Dataset, load_cifar10
-from raybench.plan import make_plan
+from raybench.pipeline import plan_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_BATCH, N_TEST = 20, 30
@@ -162,7 +162,7 @@ def test_job_config_plans_on_a_data_root(cifar_root):
     assert config.resolved_recipe().lr == 0.4 and config.resolved_recipe().epochs == 24
     rng = np.random.default_rng(0)
     write_forget_sets(root, {fs: sorted(rng.choice(100, 5, replace=False).tolist()) for fs in config.forget_sets})
-    plan = make_plan(config, load_dataset("cifar10", str(root)))
+    plan = plan_run(config, load_dataset("cifar10", str(root)))
     originals = [u for u in plan.units if u.role == "original"]
     assert sum(u.n_models for u in originals) == config.n_models
     assert set(plan.forget_sets) == set(config.forget_sets)

@@ -23,6 +23,7 @@ from easydub_hub import (
     easydub_eval,
     fork_hub,
     hub_model,
+    import_easydub,
     load,
     oracle_floor_eval,
     replace,
@@ -32,15 +33,15 @@ from klom_reference import reference_klom
 from test_cifar10 import write_cifar_folder
 
 from raybench.cli import main
-from raybench.easydub import (
+from raybench.config import ConfigError
+from raybench.reduce import reduce_run
+from raybench.sources.easydub import (
     EasyDubError,
     OracleAllocation,
     allocate_oracles,
     checkpoint_paths,
-    import_easydub,
     load_easydub_checkpoints,
 )
-from raybench.reduce import reduce_run
 from raybench.store import RunStore
 
 PER_BATCH, N_TEST = 10, 16  # the tiny CIFAR-10 of the hub's margins (shared with test_easydub_run.py)
@@ -89,7 +90,7 @@ def test_import_then_reduce_reproduces_easydubs_evaluation(hub, tmp_path):
         table.sort_by("model_id").column("margins")[2].values.to_numpy(),
         np.load(hub / "margins/cifar10/pretrain/retain/resnet9/id_2_epoch_23.npy")[32:48])
     assert sorted(p.name for p in Path(out).iterdir()) == [
-        "dataset.json", "easydub.json", "forget_sets", "manifests", "margins", "run.json"]  # no staging left
+        "dataset.json", "easydub.json", "forget_sets", "manifests", "margins", "run.json", "run.lock"]  # no staging
     checks = store.read_json(store.path("easydub.json"))["forget_sets"]
     assert checks["2"]["pretrain_forget_vs_train"]["n_different"] == 0
 
@@ -125,15 +126,17 @@ def test_hub_repo_source_downloads_only_the_needed_files(hub, tmp_path, monkeypa
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     out = str(tmp_path / "run")
     import_easydub("easydub/EasyDUB-dataset", ["10"], N, out, chunk_size=CHUNK)
-    assert len(calls) == 1 and calls[0]["repo_id"] == "easydub/EasyDUB-dataset"
-    assert calls[0]["repo_type"] == "dataset"
+    # the forget set first (it is needed to plan), then everything else in one download
+    assert len(calls) == 2 and {c["repo_id"] for c in calls} == {"easydub/EasyDUB-dataset"}
+    assert {c["repo_type"] for c in calls} == {"dataset"}
     expected = {"forget_sets/cifar10/forget_set_10.npy"}
     for x in range(N):
         name = f"id_{x}_epoch_23.npy"
         expected |= {f"margins/cifar10/pretrain/retain/resnet9/{name}", f"margins/cifar10/pretrain/val/resnet9/{name}",
                      f"margins/cifar10/pretrain/forget_10/resnet9/{name}"}
         expected |= {f"margins/cifar10/oracle/forget_10/{s}/resnet9/{name}" for s in ("retain", "forget", "val")}
-    assert sorted(calls[0]["patterns"]) == sorted(expected)  # exact paths: no wildcard, no checkpoint, no logits
+    assert set(calls[0]["patterns"]) < expected  # the forget set and one margin file for the sample count
+    assert sorted(calls[1]["patterns"]) == sorted(expected)  # exact paths: no wildcard, no checkpoint, no logits
     copied = {p.relative_to(tmp_path / "hf-cache" / "snapshot").as_posix()
               for p in (tmp_path / "hf-cache" / "snapshot").rglob("*") if p.is_file()}
     assert copied == expected
@@ -143,7 +146,7 @@ def test_hub_repo_source_downloads_only_the_needed_files(hub, tmp_path, monkeypa
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(EasyDubError, match="cannot download .* couldn't connect"):
+    with pytest.raises(ConfigError, match="cannot download .* couldn't connect"):
         import_easydub("easydub/EasyDUB-dataset", ["2"], N, str(tmp_path / "other"))
 
 
@@ -176,7 +179,7 @@ def test_cli_imports_and_rejects_bad_input_with_exit_2(hub, tmp_path):
         (["--source", str(hub), "--forget-sets", "2", "--n-models", "7"], "has models 0..5 (6 usable)"),
         (["--source", str(hub), "--forget-sets", "7"], "forget_set_7.npy"),
         (["--source", str(hub), "--forget-sets", "two"], "positive integers"),
-        (["--source", str(hub), "--forget-sets", "2", "--n-models", "1"], ">= 2"),
+        (["--source", str(hub), "--forget-sets", "2", "--n-models", "1"], "at least 2"),
         (["--source", str(hub), "--forget-sets", "2", "--n-models", "4", "--oracle-floor"],
          "usable"),  # a floor of 4 needs oracles 4..7
         # 200 published oracles: scoring + matching + floor must fit, and the message says which N does
@@ -267,7 +270,7 @@ def test_oracle_ids_are_allocated_scoring_then_matching_then_floor():
 
 
 def test_a_run_downloads_its_checkpoints_and_matching_oracles_and_nothing_more():
-    from raybench.easydub import checkpoint_file, needed_files, oracle_margins_path
+    from raybench.sources.easydub import checkpoint_file, needed_files, oracle_margins_path
 
     files = needed_files(["2"], 2, matching_oracles=2, checkpoints=True)
     assert len(files) == len(set(files))

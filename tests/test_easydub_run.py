@@ -1,4 +1,4 @@
-"""``raybench run`` with ``easydub_source``: methods run on EasyDUB's published originals (their checkpoints) and
+"""``raybench run`` with ``source = "easydub:…"``: methods run on EasyDUB's published originals (their checkpoints) and
 are scored against its published oracles; nothing is trained here.
 
 The hub folder (``easydub_hub``: real ResNet-9 state dicts under the published key names, and margin files that
@@ -22,6 +22,7 @@ from easydub_hub import (
     easydub_eval,
     fork_hub,
     hub_images,
+    import_easydub,
     model_margins,
     oracle_floor_eval,
     oracle_seed,
@@ -32,8 +33,8 @@ from torchvision.datasets import CIFAR10
 
 from raybench.cli import main
 from raybench.data import load_dataset
-from raybench.easydub import NOT_CHECKED, checkpoint_file, import_easydub, load_easydub_checkpoints
 from raybench.reduce import reduce_run
+from raybench.sources.easydub import NOT_CHECKED, checkpoint_file, load_easydub_checkpoints
 from raybench.store import RunStore
 from raybench.training import default_recipe
 from raybench.units import UnitContext
@@ -65,10 +66,10 @@ def cifar_root(tmp_path, monkeypatch, arrays) -> Path:
 
 def write_job(path: Path, hub: Path, cifar_root: Path, **extra: str) -> Path:
     """A job file like jobs/cifar10-easydub.toml, scaled to the tiny data: blocks of one model."""
-    lines = ['dataset = "cifar10"', f'data_root = "{cifar_root}"', f'easydub_source = "{hub}"',
+    lines = ['dataset = "cifar10"', f'data_root = "{cifar_root}"', f'source = "easydub:{hub}"',
              f"n_models = {N}", 'forget_sets = ["2"]',
              'methods = ["do_nothing", "gradient_ascent", "oracle_matching"]', "block_size = 1", "chunk_size = 64",
-             *(f"{k} = {v}" for k, v in extra.items()),
+             *(f"{k} = {v}" for k, v in {"floor": "false", **extra}.items()),
              "[params.gradient_ascent]", "lr = 0.01", "epochs = [1]",
              "[params.oracle_matching]", "epochs = [1]", "retain_multiplier = 2.0"]
     path.write_text("\n".join(lines) + "\n")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raybench.config import ConfigError, build_config
-from raybench.engine import execute
+from raybench.pipeline import execute
 from raybench.reduce import reduce_run, write_summary
 from raybench.store import MARGINS_SCHEMA, RunStore, StoreError
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from raybench.config import build_config
-from raybench.engine import execute
+from raybench.pipeline import execute
 from raybench.reduce import reduce_run, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]

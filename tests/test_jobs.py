@@ -8,7 +8,8 @@ import yaml
 from raybench.config import build_config
 from raybench.data import load_dataset
 from raybench.data.datasets import _NEEDS_ROOT
-from raybench.plan import make_plan, plan_method_runs
+from raybench.pipeline import plan_run
+from raybench.plan import plan_method_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def test_job_configs_are_valid_and_plan(path):
     assert plan_method_runs(config)  # every method and parameter name in the file exists
     if config.dataset in _NEEDS_ROOT:
         pytest.skip("needs downloaded data; tests/test_cifar10.py plans it on a folder it builds")
-    plan = make_plan(config, load_dataset(config.dataset))
+    plan = plan_run(config, load_dataset(config.dataset))
     assert plan.units
 
 

@@ -14,7 +14,8 @@ import pytest
 from raybench import training, versions
 from raybench.config import ConfigError, build_config
 from raybench.data import load_dataset
-from raybench.plan import Unit, _check_unique, check_unit_sizes, make_plan, plan_method_runs
+from raybench.pipeline import plan_run
+from raybench.plan import Unit, _check_unique, check_unit_sizes, plan_method_runs
 
 PLUGIN = '''
 from raybench.methods import Method
@@ -50,7 +51,7 @@ def digits():
 
 def _ids(config, dataset) -> dict[tuple, str]:
     """Unit id by what the unit is (kind, role, method, forget set, models): stable across the plans compared."""
-    return {(u.kind, u.role, u.method, u.forget_set, u.model_ids): u.id for u in make_plan(config, dataset).units}
+    return {(u.kind, u.role, u.method, u.forget_set, u.model_ids): u.id for u in plan_run(config, dataset).units}
 
 
 def _config(plugin: str, tmp_path):
@@ -68,7 +69,7 @@ def test_a_method_version_changes_its_own_unit_ids_and_nothing_else(plugin, digi
     changed = {key for key in before if before[key] != after[key]}
     assert changed == {key for key in before if key[2] == plugin}
     assert {key[0] for key in changed} == {"unlearn"} and len(changed) == 2 * 2  # 2 forget sets x 2 blocks
-    assert [u.code_versions["method"] for u in make_plan(config, digits).units if u.method == plugin] == [2] * 4
+    assert [u.code_versions["method"] for u in plan_run(config, digits).units if u.method == plugin] == [2] * 4
 
 
 def test_training_and_margins_versions_change_what_depends_on_them(plugin, digits, tmp_path, monkeypatch):
@@ -118,7 +119,7 @@ def test_a_unit_whose_margins_cannot_be_stored_is_refused_before_any_work(digits
     with pytest.raises(ConfigError, match="Parquet list column"):
         check_unit_sizes(config, runs, n)
     with pytest.raises(ConfigError, match="Parquet list column"):
-        make_plan(config, digits)
+        plan_run(config, digits)
     fits = dataclasses.replace(config, params={"finetune": {"epochs": list(range(1, 30))}})
     check_unit_sizes(fits, plan_method_runs(fits), n)
 
@@ -165,7 +166,7 @@ def test_run_json_records_the_creating_and_the_latest_versions_outside_the_ident
 def test_the_floor_is_a_second_oracle_ensemble_with_seeds_of_its_own(digits, tmp_path):
     config = build_config(None, n_models=4, block_size=2, forget_sets="1,2", out=str(tmp_path / "out"),
                           methods="do_nothing,finetune,oracle_matching")
-    units = make_plan(config, digits).units
+    units = plan_run(config, digits).units
     floor = [u for u in units if u.method == "oracle_floor"]
     assert [(u.kind, u.role, u.forget_set, u.model_ids) for u in floor] == [
         ("train", "unlearned", fs, ids) for fs in ("1", "2") for ids in ((0, 1), (2, 3))]
@@ -175,7 +176,7 @@ def test_the_floor_is_a_second_oracle_ensemble_with_seeds_of_its_own(digits, tmp
         for role in ("oracle", "matching_oracle", "original"):
             others = {s for u in units if u.role == role and u.forget_set in (fs, "none") for s in u.seeds}
             assert others and not floor_seeds & others, role
-    off = make_plan(dataclasses.replace(config, floor=False), digits).units
+    off = plan_run(dataclasses.replace(config, floor=False), digits).units
     assert {u.id for u in units} - {u.id for u in off} == {u.id for u in floor}  # nothing else changes
 
 

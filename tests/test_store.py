@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raybench.config import build_config
-from raybench.engine import execute
 from raybench.ids import digest
+from raybench.pipeline import execute
 from raybench.reduce import reduce_run, write_summary
 from raybench.store import MARGINS_SCHEMA, RunStore, StoreError, margins_matrix, margins_table, top1_matrix
 
@@ -133,7 +133,7 @@ def _stored_matrix(store: RunStore, column: str, *, split: str, **where: object)
 
 
 def test_summary_accuracy_is_the_share_of_positive_stored_top1_margins(local_run):
-    rows = reduce_run(local_run, parallel=False)
+    rows = reduce_run(local_run)
     forget = {fs: np.asarray(idx) for fs, idx in FORGET.items()}
     differs = 0
     for r in rows:
@@ -160,7 +160,7 @@ def test_unknown_top1_leaves_accuracy_empty_never_approximated(tmp_path):
 
     store = RunStore(str(tmp_path))
     synthetic_run(store, original_top1=(True, False))  # one block of originals imported with margins only
-    rows = reduce_run(store, parallel=False)
+    rows = reduce_run(store)
     for r in rows:
         assert (r["accuracy"] is None) == (r["method"] == "do_nothing"), r
         assert isinstance(r["oracle_accuracy"], float)
@@ -192,7 +192,7 @@ def test_a_folder_of_an_older_format_is_refused(tmp_path):
     meta = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**meta, "format_version": 1}))  # one unit committed by an older raybench
     with pytest.raises(StoreError, match=f"older raybench .*in manifests/{manifest.name}"):
-        reduce_run(current, parallel=False)
+        reduce_run(current)
     store.write_json(store.path("run.json"), {"run": "0123", "format_version": 99, "identity": {}})
     with pytest.raises(StoreError, match="format version 99"):
         store.run_info()
@@ -230,8 +230,8 @@ def test_a_half_committed_unit_is_overwritten_not_duplicated(tmp_path):
 def test_the_store_works_on_an_in_memory_filesystem_and_reduces_identically(local_run):
     memory = RunStore("runs/synthetic", filesystem=pafs._MockFileSystem())
     synthetic_run(memory)
-    rows = reduce_run(memory, parallel=False)
-    assert rows == reduce_run(local_run, parallel=False)
+    rows = reduce_run(memory)
+    assert rows == reduce_run(local_run)
     keys = {(r["forget_set"], r["method"], r["epoch"], r["split"]) for r in rows}
     assert keys == {(fs, m, e, s) for fs in FORGET for m, e in (("do_nothing", 0), ("m", 1), ("m", 2))
                     for s in ("retain", "forget", "val")}
@@ -242,19 +242,25 @@ def test_the_store_works_on_an_in_memory_filesystem_and_reduces_identically(loca
 
 
 def test_reduce_as_ray_tasks_equals_reduce_in_process(ray_session, local_run):
-    in_process = reduce_run(local_run, parallel=False)
-    assert reduce_run(local_run, parallel=True) == in_process
-    assert reduce_run(local_run, parallel=None) == in_process  # one node: decides for in-process
+    in_process = reduce_run(local_run)
+    from raybench.engine import map_tasks
+
+    assert reduce_run(local_run, mapper=map_tasks) == in_process
 
 
 def test_reduce_goes_to_ray_tasks_on_a_multi_node_cluster(ray_session, local_run, monkeypatch):
-    import raybench.engine as engine
+    import raybench.pipeline as pipeline
 
     calls = []
-    real = engine.map_tasks
-    monkeypatch.setattr(engine, "map_tasks", lambda fn, items, **kw: calls.append(len(items)) or real(fn, items, **kw))
+    real = pipeline.map_tasks
+    monkeypatch.setattr(pipeline, "map_tasks", lambda fn, items, **kw: calls.append(len(items)) or real(fn, items))
+    in_process = [{k: v for k, v in r.items() if k != "compute_s"} for r in reduce_run(local_run)]
+    monkeypatch.setattr(ray_session, "nodes", lambda: [{"Alive": True}])  # one node: in process, no task
+    pipeline.summarize(local_run)
+    assert calls == []
     monkeypatch.setattr(ray_session, "nodes", lambda: [{"Alive": True}, {"Alive": True}])  # as if two nodes
-    assert reduce_run(local_run) == reduce_run(local_run, parallel=False)
+    summary, _ = pipeline.summarize(local_run)
+    assert [{k: v for k, v in r.items() if k != "compute_s"} for r in summary["rows"]] == in_process
     chunks = -(-N_TRAIN // CHUNK) + -(-N_VAL // CHUNK)
     assert calls == [len(FORGET) * 2 * chunks]  # one task per (ensemble, split, chunk): do_nothing and m
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from raybench.plan import Ensemble
 from raybench.store import RunStore, margins_table
 
 if TYPE_CHECKING:
@@ -26,21 +26,12 @@ if TYPE_CHECKING:
     from raybench.data import Dataset, ForgetSet
     from raybench.plan import Unit
 
+__all__ = ["Ensemble", "Source", "SourceError", "write_import_unit"]
+
 
 class SourceError(ValueError):
     """The source cannot give what was asked (unknown source, missing files, too few models, bad shapes): exit
     code 2 in the CLI, nothing written."""
-
-
-@dataclass(frozen=True)
-class Ensemble:
-    """One ensemble the plan asks a source for: ``count`` models of ``role`` for ``forget_set`` (``"none"`` for the
-    originals), stored under ``method`` (``"none"``, or ``oracle_floor`` for the noise-floor ensemble)."""
-
-    role: str  # "original" | "oracle" | "matching_oracle" | "unlearned"
-    forget_set: str
-    count: int
-    method: str = "none"
 
 
 class Source(ABC):
@@ -60,8 +51,10 @@ class Source(ABC):
         """The run identity (``RunStore.open_run``): what gives the stored units their meaning."""
 
     @abstractmethod
-    def forget_sets(self, config: RunConfig, dataset: Dataset | None) -> dict[str, ForgetSet]:
-        """The forget sets of the run, by id, with their indices into the train split."""
+    def forget_sets(self, config: RunConfig, dataset: Dataset | None,
+                    store: RunStore | None = None) -> dict[str, ForgetSet]:
+        """The forget sets of the run, by id, with their indices into the train split. ``store``: the run folder,
+        where an import source finds the sets an earlier import recorded (a resumed run needs no network)."""
 
     def model_ids(self, config: RunConfig, requests: Sequence[Ensemble]) -> dict[Ensemble, range]:
         """Which of the source's models hold each requested ensemble. No model may be in two ensembles of one forget
@@ -74,6 +67,15 @@ class Source(ABC):
         if dataset is None:
             raise SourceError(f"source {self.name} needs the data set to know its sizes")
         return dataset.n_train, dataset.n_val
+
+    def record_dataset(self, store: RunStore, dataset: Dataset | None) -> None:
+        """Record ``dataset.json`` before any unit is planned to run; an import source records it in ``provide``
+        instead, once its files say how many samples they cover."""
+        return None
+
+    def notes(self, store: RunStore) -> list[str]:
+        """What imports into ``store`` noticed that can make numbers differ from the publisher's (none by default)."""
+        return []
 
     def provide(self, units: Sequence[Unit], store: RunStore, run_id: str, dataset: Dataset | None) -> list[Unit]:
         """Make ``units`` (the plan's units of this source) available: write import units that are not yet

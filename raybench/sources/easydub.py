@@ -1,8 +1,8 @@
-"""EasyDUB's published CIFAR-10 / ResNet-9 data: margins into a raybench run folder, checkpoints into a stack.
+"""The ``easydub`` source: EasyDUB's published CIFAR-10 / ResNet-9 models as a run's ensembles.
 
 The hub data set ``easydub/EasyDUB-dataset`` (docs/methods.md#hub-layouts) holds 200 pretrain ResNet-9s (trained on all
 50,000 train images) and 200 oracles per forget set (retrained without it), all after 24 epochs ("epoch_23", 0-based),
-with their margins. ``import_easydub`` turns them into the run-folder layout of ``raybench.store``, so that
+with their margins. ``EasydubSource.provide`` writes them in the run-folder layout of ``raybench.store``, so that
 ``raybench reduce`` scores the do-nothing baseline, and later any method, against published oracles without
 training one. Hub paths (``X`` = model id 0..199, ``Z`` = forget set)::
 
@@ -23,21 +23,21 @@ How the files map to raybench's splits, so that reduce computes what EasyDUB's `
 * oracles (``role=oracle``, one unit per forget set): their retain and forget margins are scattered back to
   train-id order (retain → R ascending, forget → F in file order), so the stored ``train`` split covers every id
   and reduce's retain / forget views give back the two files column for column; ``val`` as is.
-* hub oracle ids (``allocate_oracles``, the one allocation of an import and of an EasyDUB run's plan): scoring
-  oracles ``0 .. K-1`` (``K = n_oracles``, default ``n_models``), then ``matching_oracles=k`` oracles
+* hub oracle ids (``allocate_oracles``, behind ``EasydubSource.model_ids``, which the plan asks): scoring
+  oracles ``0 .. K-1`` (``K = n_oracles``, default ``n_models``), then ``k`` matching oracles
   ``K .. K+k-1`` imported as ``matching_oracle`` units (margins and checkpoints: the oracles oracle matching
-  fine-tunes against), then with ``oracle_floor=True`` oracles ``K+k .. K+k+n_models-1`` as the "unlearned"
+  fine-tunes against), then with the floor on, oracles ``K+k .. K+k+n_models-1`` as the "unlearned"
   models of a method ``oracle_floor``, whose summary rows are the oracle-vs-oracle noise floor. The three never
   share a model, also across imports into one folder (``_check_against_store``); when the 200 published oracles
   cannot hold them the import refuses and says which ``n_models`` fits.
-* ``checkpoints=True`` also stores each block of originals as a stacked checkpoint, which is what a run's unlearn
-  units start from (``UnitContext.load_stack``): ``raybench run`` with ``easydub_source`` set imports this way,
-  then runs every method on the published originals (``raybench.engine.import_published``).
+* originals whose units the plan marks ``checkpoint`` (a run with methods that unlearn, or ``raybench import
+  --checkpoints``) are also stored as stacked checkpoints, which is what unlearn units start from
+  (``UnitContext.load_stack``).
 
 Margin cross-check (``check_margins``): method rows are margins raybench computes from the published state dicts,
 while the do-nothing row and the oracles are the hub's margin files, so a wrong checkpoint format, key layout,
-normalisation or sample order would shift every method row against its baseline. With ``checkpoints`` and the
-images (``images``: a run passes its data set, ``raybench import-easydub`` takes ``--data-root``), the import first
+normalisation or sample order would shift every method row against its baseline. With checkpoints and the
+images (a run passes its data set, ``raybench import`` takes ``--data-root``), the import first
 recomputes pretrain models 0, 1 and scoring oracles 0, 1 of every forget set (downloading just those oracle state
 dicts) on up to 128 evenly spaced positions of each of their margin files, and refuses, writing nothing, unless
 every margin satisfies ``|ours - hub| <= 0.25 + 0.05·|hub|``. The size of that bound: the hub's margins come from
@@ -51,32 +51,36 @@ positions, far past the bound. The bound is derived, not measured on the publish
 records each file's largest ``|diff| / bound`` (``margin_check``), the headroom. Without images the check is not
 done and a note says so; a rerun with images (or a run) does it before reusing the units.
 
-Units come in blocks of ``block_size`` models, with ids derived from what they hold (``import_unit_id``), so a
-run's plan names exactly the units an import wrote, and an import rerun skips them.
+The plan makes the units (blocks of ``block_size`` models, ids from what they hold: ``plan.import_unit_id``), so a
+run and an import into one folder name the same units, and a rerun skips them.
 
 Epochs: hub files are 0-based epoch 23; raybench stores the number of epochs trained, 24 (``STORED_EPOCH``), as
 its own train units do. Seeds: hub models were not seeded by raybench; their ``seed`` column is -1 and
 ``model_id`` is the hub id. The import stores no images, so ``dataset.json`` has ``fingerprint: null`` until a run
-that unlearns records its own (``record_images``).
+that unlearns records its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pyarrow.fs as pafs
 
-from raybench.data import Dataset
+from raybench.data import Dataset, ForgetSet
 from raybench.data.forget_sets import validate_indices
-from raybench.ids import digest
 from raybench.models import StackedModel
-from raybench.store import FLOOR_METHOD, RunStore, margins_table
+from raybench.plan import Ensemble, Unit, matching_oracle_count, plan_method_runs
+from raybench.sources.base import Source, SourceError, write_import_unit
+from raybench.store import FLOOR_METHOD, RunStore
+
+if TYPE_CHECKING:
+    from raybench.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +88,6 @@ HUB_REPO = "easydub/EasyDUB-dataset"
 HUB_EPOCH = 23  # the 0-based epoch in every published file name
 HUB_N_MODELS = 200  # pretrain models, and oracles per forget set, on the hub (ids 0..199)
 STORED_EPOCH = 24  # epochs trained: what raybench's own train units store
-NO_SEED = -1  # the seed column of a hub model: not seeded by raybench
-DEFAULT_CHUNK_SIZE = 8192  # RunConfig's defaults, so an import and a raybench run chunk and block alike
-DEFAULT_BLOCK_SIZE = 50
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 FORGET_ID = re.compile(r"[1-9]\d*")  # EasyDUB names its forget sets 1, 2, …
 _MODEL_ID = re.compile(r"id_(\d+)_epoch_\d+")
@@ -97,7 +98,7 @@ NOT_CHECKED = ("margin cross-check not done: no images to recompute the publishe
                "(import-easydub --data-root); method rows start from checkpoints not compared with the hub's margins")
 
 
-class EasyDubError(ValueError):
+class EasyDubError(SourceError):
     """The source cannot give what was asked (missing files, too few models, bad shapes): exit code 2 in the CLI."""
 
 
@@ -146,7 +147,7 @@ class OracleAllocation:
 def allocate_oracles(n_models: int, *, n_oracles: int | None = None,
                      matching_oracles: int | Callable[[int], int] = 0,
                      oracle_floor: bool = False) -> OracleAllocation:
-    """The hub oracle ids of an import (``import_easydub``) or an EasyDUB run (the plan's matching oracles):
+    """The hub oracle ids of a run or an import (``EasydubSource.model_ids``):
     scoring oracles first, then the matching oracles, then the floor, each range after the last.
 
     ``matching_oracles`` may be a function of the number of originals (oracle matching with ``per_model``
@@ -184,7 +185,7 @@ def check_checkpoints(forget_sets: Sequence[str], allocation: OracleAllocation) 
 def needed_files(forget_sets: Sequence[str], n_models: int, *, n_oracles: int | None = None,
                  oracle_floor: bool = False, matching_oracles: int = 0, checkpoints: bool = False,
                  margin_check: bool = False) -> list[str]:
-    """Every hub file ``import_easydub`` reads, and nothing else (the ``allow_patterns`` of a download);
+    """Every hub file ``EasydubSource.provide`` reads, and nothing else (the ``allow_patterns`` of a download);
     ``margin_check`` adds the oracle state dicts the margin cross-check needs."""
     allocation = allocate_oracles(n_models, n_oracles=n_oracles, matching_oracles=matching_oracles,
                                   oracle_floor=oracle_floor)
@@ -204,23 +205,12 @@ def needed_files(forget_sets: Sequence[str], n_models: int, *, n_oracles: int | 
 
 def run_identity(n_models: int, block_size: int, chunk_size: int, n_oracles: int | None = None) -> dict:
     """The run identity of a folder of imported EasyDUB models (``RunStore.open_run``): an import and a
-    ``raybench run`` with ``easydub_source`` compute it alike, so they share one folder."""
+    ``raybench run`` with ``source = "easydub"`` compute it alike, so they share one folder."""
     identity = {"dataset": "cifar10", "arch": "resnet9", "source": "easydub", "hub_epoch": HUB_EPOCH,
                 "n_models": n_models, "block_size": block_size, "chunk_size": chunk_size}
     if n_oracles is not None and n_oracles != n_models:
         identity["n_oracles"] = n_oracles
     return identity
-
-
-def import_unit_id(identity: dict, role: str, forget_set: str, method: str, model_ids: Sequence[int]) -> str:
-    """Stable id of an imported unit: what it holds (role, forget set, hub model ids) in which run."""
-    return digest({"kind": "import", "source": "easydub", "role": role, "forget_set": forget_set,
-                   "method": method, "model_ids": list(model_ids), "identity": identity})
-
-
-def id_blocks(first: int, count: int, size: int) -> list[tuple[int, ...]]:
-    """Model ids ``first .. first+count-1`` in blocks of ``size``: the units of one ensemble, trained or imported."""
-    return [tuple(range(start, min(first + count, start + size))) for start in range(first, first + count, size)]
 
 
 # -- getting the files -----------------------------------------------------------------------------------------------
@@ -317,143 +307,159 @@ class _Reader:
         return out
 
 
-# -- the import ------------------------------------------------------------------------------------------------------
-@dataclass
-class ImportReport:
-    """What an import did: the run, the data sizes it found, the units it wrote or found already committed, and
-    notes on anything that can make reduce's numbers differ from EasyDUB's (also kept in ``easydub.json``)."""
+# -- the source ------------------------------------------------------------------------------------------------------
+class EasydubSource(Source):
+    """EasyDUB's published models as a run's originals, oracles, matching oracles and oracle floor (module doc).
 
-    run_id: str
-    out: str
-    source: str
-    n_train: int
-    n_val: int
-    units_written: list[str]
-    units_skipped: list[str]
-    forget_sets: dict[str, np.ndarray]  # id -> indices, in file order
-    notes: list[str]
+    ``location``: a local folder in the hub layout, or a hub repo id (default ``easydub/EasyDUB-dataset``), of which
+    only the needed files are downloaded into ``cache_dir`` (or the Hugging Face cache)."""
 
-    @property
-    def forget_set_sizes(self) -> dict[str, int]:
-        return {fs: len(idx) for fs, idx in self.forget_sets.items()}
+    name: ClassVar[str] = "easydub"
 
+    def __init__(self, location: str | Path = "", *, cache_dir: str | Path | None = None) -> None:
+        self.location = str(location) or HUB_REPO
+        self.cache_dir = cache_dir
 
-def import_easydub(source: str | Path, forget_sets: Sequence[str], n_models: int, out: str, *,
-                   n_oracles: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, oracle_floor: bool = False,
-                   matching_oracles: int = 0, checkpoints: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   expect_sizes: tuple[int, int] | None = None, images: Dataset | None = None,
-                   cache_dir: str | Path | None = None) -> ImportReport:
-    """Write EasyDUB's margins of pretrain models ``0..n_models-1`` (originals) and oracles ``0..n_oracles-1``
-    of each forget set into the run folder ``out`` (a path or pyarrow URI); see the module docstring for the
-    mapping, for ``oracle_floor``, ``matching_oracles`` and ``checkpoints``, and for which hub oracles each takes
-    (``allocate_oracles``). Needs no Ray.
+    def check(self, config: RunConfig) -> None:
+        if (config.dataset, config.resolved_arch) != ("cifar10", "resnet9"):
+            raise EasyDubError("source easydub needs dataset = \"cifar10\" and arch = \"resnet9\": EasyDUB "
+                               f"publishes CIFAR-10 ResNet-9s (got {config.dataset} / {config.resolved_arch})")
+        bad = [fs for fs in config.forget_sets if not FORGET_ID.fullmatch(fs)]
+        if bad:
+            raise EasyDubError(f"forget sets of EasyDUB are positive integers (EasyDUB's ids 1..10), got {', '.join(bad)}")
+        method_runs = plan_method_runs(config)
+        # the n_models that fits is reported with oracle matching's count growing with n_models (per_model)
+        allocate_oracles(config.n_models, n_oracles=config.n_oracles, oracle_floor=config.floor,
+                         matching_oracles=lambda n: matching_oracle_count(dataclasses.replace(config, n_models=n),
+                                                                          method_runs))
 
-    ``source`` is a local folder in the hub layout or a hub repo id (only the needed files are downloaded, into
-    ``cache_dir`` or the Hugging Face cache). ``n_oracles`` defaults to ``n_models``. ``expect_sizes`` =
-    (train, val) samples the margins must cover (the images a run unlearns with; ``images``' sizes by default).
-    ``images``: the CIFAR-10 the checkpoints are used on; with ``checkpoints`` the import first recomputes some
-    published models' margins on them and refuses to go on if they differ from the hub's (``check_margins``);
-    without images that check is not done, which a note says. Rerunning with more forget sets adds them;
-    finished units are kept. A rerun that finds every unit committed (and checked) reads nothing from
-    ``source``, so a resumed run needs neither the hub folder nor the network.
-    """
-    forget_sets = [str(fs).strip() for fs in forget_sets]
-    bad = [fs for fs in forget_sets if not FORGET_ID.fullmatch(fs)]
-    if not forget_sets or bad or len(set(forget_sets)) != len(forget_sets):
-        raise EasyDubError(f"forget sets must be distinct positive integers like 2,5 (EasyDUB ids), got {forget_sets}")
-    for name, value, low in (("n_models", n_models, 2), ("n_oracles", n_oracles, 2), ("block_size", block_size, 1),
-                             ("chunk_size", chunk_size, 1), ("matching_oracles", matching_oracles, 0)):
-        if name == "n_oracles" and value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            why = " (KLOM compares distributions)" if low == 2 else ""
-            raise EasyDubError(f"{name} must be an integer >= {low}{why}, got {value!r}")
-    allocation = allocate_oracles(n_models, n_oracles=n_oracles, matching_oracles=matching_oracles,
-                                  oracle_floor=oracle_floor)  # n_oracles None: the fitting N says K = N too
-    n_oracles = n_models if n_oracles is None else n_oracles
-    if images is not None and expect_sizes is None:
-        expect_sizes = (images.n_train, images.n_val)
-    check = images if checkpoints else None  # method rows start from checkpoints: their margins must be the hub's
+    def identity(self, config: RunConfig, dataset: Dataset | None) -> dict:
+        """Nothing here trained the models, so no recipe or seed gives them their meaning (the recipe still goes
+        into unlearn unit ids)."""
+        return run_identity(config.n_models, config.block_size, config.chunk_size, config.n_oracles)
 
-    store = RunStore(out)
-    identity = run_identity(n_models, block_size, chunk_size, n_oracles)
-    units = _import_units(forget_sets, n_models, allocation, block_size, checkpoints)
-    if store.exists(store.path("run.json")):
-        store.open_run(identity)  # refuses another run's folder before reading what it holds
+    def forget_sets(self, config: RunConfig, dataset: Dataset | None,
+                    store: RunStore | None = None) -> dict[str, ForgetSet]:
+        """The hub's forget-set files (only those are downloaded), or the sets an earlier import recorded in
+        ``store`` (so a resumed run reads nothing from the hub)."""
+        recorded = {fs for fs in config.forget_sets if store is not None and store.exists(store.forget_set_path(fs))}
+        wanted = [forget_set_file(fs) for fs in config.forget_sets if fs not in recorded]
+        root = None
+        if wanted:  # one download: the files and, without the images, one margin file that gives the train size
+            size_file = pretrain_margins_path("retain", 0)
+            root = hub_folder(self.location, wanted + ([size_file] if dataset is None else []),
+                              cache_dir=self.cache_dir)
+            n_train = dataset.n_train if dataset is not None else len(_Reader(root).vector(size_file))
+        out = {}
+        for fs in config.forget_sets:
+            if fs in recorded:
+                idx = store.read_forget_set(fs)
+            else:
+                what = f"forget-set file {forget_set_file(fs)} in {root}"
+                try:
+                    raw = np.load(root / forget_set_file(fs), allow_pickle=False)
+                except (OSError, ValueError) as err:
+                    raise EasyDubError(f"{what}: not a plain .npy array ({err})") from err
+                idx = validate_indices(raw, n_train, source=what)
+            out[fs] = ForgetSet(fs, idx, f"EasyDUB forget set {fs} ({len(idx)} train samples, hub file "
+                                         f"{forget_set_file(fs)})")
+        return out
+
+    def model_ids(self, config: RunConfig, requests: Sequence[Ensemble]) -> dict[Ensemble, range]:
+        """Pretrain models 0..N-1; per forget set the oracles of ``allocate_oracles`` (scoring, then matching,
+        then floor)."""
+        count = {r.role: r.count for r in requests}
+        allocation = allocate_oracles(count["original"], n_oracles=count.get("oracle"),
+                                      matching_oracles=count.get("matching_oracle", 0),
+                                      oracle_floor="unlearned" in count)
+        by_role = {"original": range(count["original"]), "oracle": allocation.scoring,
+                   "matching_oracle": allocation.matching, "unlearned": allocation.floor}
+        return {r: by_role[r.role] for r in requests}
+
+    def notes(self, store: RunStore) -> list[str]:
+        """What the imports into ``store`` noticed that can make numbers differ from EasyDUB's (``easydub.json``)."""
+        path = store.path("easydub.json")
+        return list(store.read_json(path).get("notes", [])) if store.exists(path) else []
+
+    def provide(self, units: Sequence[Unit], store: RunStore, run_id: str, dataset: Dataset | None) -> list[Unit]:
+        """Write the import units that are not complete yet (with their checkpoints), after the margin
+        cross-check when checkpoints are wanted and ``dataset`` gives the images; read nothing from the hub when
+        every unit is already there and checked. Returns no unit for the engine."""
+        units = [u for u in units if u.kind == "import"]
+        originals = [u for u in units if u.role == "original"]
+        forget_sets = sorted({u.forget_set for u in units if u.role != "original"}, key=int)
+        allocation = _allocation_of(units)
         _check_against_store(store, allocation, forget_sets)
-    finished = _already_imported(store, identity, units, forget_sets, source, expect_sizes,
-                                 None if check is None else _checked_by(check, forget_sets, allocation))
-    if finished is not None:  # a resumed run: needs neither the source nor the network
-        return finished
+        with_checkpoints = any(u.checkpoint for u in originals)
+        check = dataset if with_checkpoints else None  # unlearning starts from checkpoints: check their margins
+        indices = {fs: store.read_forget_set(fs) for fs in forget_sets}
+        missing = [u for u in units if not store.is_complete(u.id)
+                   or (u.checkpoint and not store.exists(store.checkpoint_path(u.id)))]
+        checked = check is None or _recorded_check_covers(store, forget_sets, allocation, check.fingerprint())
+        if not missing and checked:
+            if dataset is not None and with_checkpoints:
+                self._record_images(store, dataset)
+            return []
 
-    files = needed_files(forget_sets, n_models, n_oracles=n_oracles, oracle_floor=oracle_floor,
-                         matching_oracles=matching_oracles, checkpoints=checkpoints, margin_check=check is not None)
-    root = hub_folder(source, files, cache_dir=cache_dir)
-    reader = _Reader(root)
-    n_train = len(reader.vector(pretrain_margins_path("retain", 0)))
-    n_val = len(reader.vector(pretrain_margins_path("val", 0)))
-    _check_sizes(n_train, n_val, expect_sizes)
-    indices = {}
-    for fs in forget_sets:
-        what = f"forget-set file {forget_set_file(fs)} in {root}"
-        try:
-            raw = np.load(root / forget_set_file(fs), allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise EasyDubError(f"{what}: not a plain .npy array ({err})") from err
-        indices[fs] = validate_indices(raw, n_train, source=what)
-    # before anything is written: a checkpoint that does not reproduce its margins must not be unlearned from
-    margin_check = check_margins(root, check, indices, allocation) if check is not None else None
-    if checkpoints and check is None and not _recorded_check_covers(store, forget_sets, allocation):
-        reader.notes.append(NOT_CHECKED)
+        n_models = sum(u.n_models for u in originals)
+        files = needed_files(forget_sets, n_models, n_oracles=len(allocation.scoring),
+                             oracle_floor=bool(len(allocation.floor)), matching_oracles=len(allocation.matching),
+                             checkpoints=with_checkpoints, margin_check=check is not None)
+        root = hub_folder(self.location, files, cache_dir=self.cache_dir)
+        reader = _Reader(root)
+        n_train = len(reader.vector(pretrain_margins_path("retain", 0)))
+        n_val = len(reader.vector(pretrain_margins_path("val", 0)))
+        if dataset is not None:
+            _check_sizes(n_train, n_val, (dataset.n_train, dataset.n_val))
+        # before anything is written: a checkpoint that does not reproduce its margins must not be unlearned from
+        margin_check = check_margins(root, check, indices, allocation) if check is not None else None
+        if with_checkpoints and check is None and not _recorded_check_covers(store, forget_sets, allocation):
+            reader.notes.append(NOT_CHECKED)
+        store.record_dataset({"name": "cifar10", "fingerprint": None, "n_train": n_train, "n_val": n_val,
+                              "source_train": list(range(n_train)), "source_val": list(range(n_val))})
+        chunk_size = store.run_info()["identity"]["chunk_size"]
+        # read even when the originals are already stored: every forget set's consistency check needs it
+        pretrain_train = reader.matrix([pretrain_margins_path("retain", i) for i in range(n_models)], n_train)
+        retain = {fs: np.flatnonzero(~np.isin(np.arange(n_train), idx)) for fs, idx in indices.items()}
+        for unit in units:
+            ids = list(unit.model_ids)
+            hub_role = None if unit.role == "original" else unit.forget_set
+            checkpoint = None
+            if unit.checkpoint and not store.exists(store.checkpoint_path(unit.id)):
+                stack = load_easydub_checkpoints([root / checkpoint_file(i, hub_role) for i in ids], seeds=ids)
+                checkpoint = {"seeds": ids, "state": stack.state_dict()}
+                if store.is_complete(unit.id):  # an earlier import committed it without its checkpoint
+                    store.write_checkpoint(unit.id, checkpoint)
+            if store.is_complete(unit.id):
+                continue
+            if unit.role == "original":
+                margins = {"train": pretrain_train[ids[0]:ids[-1] + 1],
+                           "val": reader.matrix([pretrain_margins_path("val", i) for i in ids], n_val)}
+            else:
+                margins = _oracle_margins(reader, unit.forget_set, ids, indices[unit.forget_set],
+                                          retain[unit.forget_set], n_train, n_val)
+            write_import_unit(store, run_id, unit, source=self.name, epoch=STORED_EPOCH, chunk_size=chunk_size,
+                              margins=margins, checkpoint=checkpoint, extra={"hub_epoch": HUB_EPOCH})
+        checks = {fs: _check_pretrain_forget(reader, fs, list(range(n_models)), idx, pretrain_train)
+                  for fs, idx in indices.items()}
+        _update_record(store, self.location, root, checks, reader, indices, margin_check)
+        if dataset is not None and with_checkpoints:
+            self._record_images(store, dataset)
+        return []
 
-    run_id = store.open_run(identity)
-    _record_dataset(store, n_train, n_val)
-    for fs, idx in indices.items():
-        _record_forget_set(store, fs, idx)
-
-    writer = _UnitWriter(store, run_id, identity, chunk_size)
-    # read even when the originals are already stored: every forget set's consistency check needs it
-    pretrain_train = reader.matrix([pretrain_margins_path("retain", i) for i in range(n_models)], n_train)
-    retain = {fs: np.flatnonzero(~np.isin(np.arange(n_train), idx)) for fs, idx in indices.items()}
-    for role, fs, method, ids, with_checkpoint in units:
-        if role == "original":
-            def load(ids: tuple[int, ...] = ids) -> dict[str, np.ndarray]:
-                return {"train": pretrain_train[ids[0]:ids[-1] + 1],
-                        "val": reader.matrix([pretrain_margins_path("val", i) for i in ids], n_val)}
-        else:
-            def load(ids: tuple[int, ...] = ids, fs: str = fs) -> dict[str, np.ndarray]:
-                return _oracle_margins(reader, fs, list(ids), indices[fs], retain[fs], n_train, n_val)
-        hub_role = None if role == "original" else fs
-        writer.write(role, fs, method, ids, load,
-                     checkpoint=[root / checkpoint_file(i, hub_role) for i in ids] if with_checkpoint else None)
-    checks = {fs: _check_pretrain_forget(reader, fs, list(range(n_models)), idx, pretrain_train)
-              for fs, idx in indices.items()}
-
-    staging = store.path("staging")  # each unit removed its own folder; drop the parent it leaves if empty
-    if not [i for i in store.fs.get_file_info(pafs.FileSelector(staging, recursive=True, allow_not_found=True))
-            if i.type == pafs.FileType.File]:
-        store.remove_dir(staging)
-    record = _update_record(store, source, root, checks, reader, indices, margin_check)
-    return ImportReport(run_id, store.uri, str(source), n_train, n_val, writer.written, writer.skipped, indices,
-                        record["notes"])
-
-
-ImportUnit = tuple[str, str, str, tuple[int, ...], bool]
-"""(role, forget set, method, hub model ids, with a checkpoint) of one unit an import writes."""
+    @staticmethod
+    def _record_images(store: RunStore, dataset: Dataset) -> None:
+        """Note in ``dataset.json`` which images the run's methods unlearn with (other images are refused later)."""
+        store.record_dataset({**store.read_json(store.path("dataset.json")), "fingerprint": dataset.fingerprint()})
 
 
-def _import_units(forget_sets: Sequence[str], n_models: int, allocation: OracleAllocation, block_size: int,
-                  checkpoints: bool) -> list[ImportUnit]:
-    """Every unit an import writes, in writing order (``allocation`` says which hub oracles each holds)."""
-    def blocks(ids: range) -> list[tuple[int, ...]]:
-        return id_blocks(ids.start, len(ids), block_size)
+def _allocation_of(units: Sequence[Unit]) -> OracleAllocation:
+    """The hub oracle ids the plan's units hold, per role (the same for every forget set)."""
+    def ids(role: str) -> range:
+        found = sorted({i for u in units if u.role == role for i in u.model_ids})
+        return range(found[0], found[-1] + 1) if found else range(0)
 
-    units = [("original", "none", "none", ids, checkpoints) for ids in id_blocks(0, n_models, block_size)]
-    for fs in forget_sets:
-        units += [("oracle", fs, "none", ids, False) for ids in blocks(allocation.scoring)]
-        units += [("matching_oracle", fs, "none", ids, True) for ids in blocks(allocation.matching)]
-        units += [("unlearned", fs, FLOOR_METHOD, ids, False) for ids in blocks(allocation.floor)]
-    return units
+    return OracleAllocation(ids("oracle"), ids("matching_oracle"), ids("unlearned"))
 
 
 def _span(ids: Iterable[int]) -> str:
@@ -489,44 +495,15 @@ def _check_against_store(store: RunStore, allocation: OracleAllocation, forget_s
                 f"{max(matching) + 1 - allocation.scoring.stop} --oracle-floor) into a new --out folder")
 
 
-def _checked_by(images: Dataset, forget_sets: Sequence[str], allocation: OracleAllocation) -> dict:
-    """What ``easydub.json`` must show for the margin cross-check to count as done on ``images``."""
-    return {"fingerprint": images.fingerprint(), "checkpoints": check_checkpoints(forget_sets, allocation)}
-
-
-def _recorded_check_covers(store: RunStore, forget_sets: Sequence[str], allocation: OracleAllocation) -> bool:
-    """Whether an earlier import into ``store`` passed the margin cross-check for these forget sets."""
+def _recorded_check_covers(store: RunStore, forget_sets: Sequence[str], allocation: OracleAllocation,
+                           fingerprint: str | None = None) -> bool:
+    """Whether an earlier import into ``store`` passed the margin cross-check for these forget sets (on the images
+    of ``fingerprint``, when given)."""
     path = store.path("easydub.json")
     done = store.read_json(path).get("margin_check", {}) if store.exists(path) else {}
+    if fingerprint is not None and done.get("fingerprint") != fingerprint:
+        return False
     return set(check_checkpoints(forget_sets, allocation)) <= set(done.get("checkpoints", []))
-
-
-def _already_imported(store: RunStore, identity: dict, units: list[ImportUnit], forget_sets: Sequence[str],
-                      source: str | Path, expect_sizes: tuple[int, int] | None,
-                      checked: dict | None) -> ImportReport | None:
-    """The report of an import whose every unit (and checkpoint) is already committed in ``store``, and whose
-    margin cross-check (``checked``: images and checkpoints, or None if none is due) is recorded as passed, read
-    from the store alone; None if anything is missing."""
-    if not store.exists(store.path("run.json")):
-        return None
-    run_id = store.open_run(identity)  # refuses a folder of another run
-    ids = [import_unit_id(identity, role, fs, method, models) for role, fs, method, models, _ in units]
-    for uid, (*_, with_checkpoint) in zip(ids, units, strict=True):
-        if not store.is_complete(uid) or (with_checkpoint and not store.exists(store.checkpoint_path(uid))):
-            return None
-    if not all(store.exists(store.forget_set_path(fs)) for fs in forget_sets):
-        return None
-    record = store.read_json(store.path("easydub.json"))
-    if checked is not None:
-        done = record.get("margin_check", {})
-        if done.get("fingerprint") != checked["fingerprint"] or not set(checked["checkpoints"]) <= set(done.get(
-                "checkpoints", {})):
-            return None
-    dataset = store.read_json(store.path("dataset.json"))
-    _check_sizes(dataset["n_train"], dataset["n_val"], expect_sizes)
-    indices = {fs: store.read_forget_set(fs) for fs in forget_sets}
-    return ImportReport(run_id, store.uri, str(source), dataset["n_train"], dataset["n_val"], [], ids, indices,
-                        record.get("notes", []))
 
 
 def _check_sizes(n_train: int, n_val: int, expect_sizes: tuple[int, int] | None) -> None:
@@ -633,77 +610,6 @@ def check_margins(root: Path, images: Dataset, indices: dict[str, np.ndarray],
              len(compared), worst["max_diff_over_tolerance"])
     return {"fingerprint": images.fingerprint(), "tolerance": {"atol": MARGIN_ATOL, "rtol": MARGIN_RTOL},
             "samples_per_file": MARGIN_CHECK_SAMPLES, "checkpoints": sorted(models), "files": compared}
-
-
-class _UnitWriter:
-    """Commits one unit per block of models: Parquet written with pyarrow, checkpoint, then ``commit_unit``."""
-
-    def __init__(self, store: RunStore, run_id: str, identity: dict, chunk_size: int) -> None:
-        self.store, self.run_id, self.identity, self.chunk_size = store, run_id, identity, chunk_size
-        self.written: list[str] = []
-        self.skipped: list[str] = []
-
-    def write(self, role: str, forget_set: str, method: str, model_ids: Sequence[int],
-              load: Callable[[], dict[str, np.ndarray]], checkpoint: list[Path] | None = None) -> None:
-        """Commit the unit unless it is already complete; ``load`` reads its margins only when needed.
-
-        ``checkpoint``: the models' state-dict files, stacked into the unit's checkpoint before the manifest is
-        written (a committed unit's checkpoint is always readable); added to a unit an earlier import committed
-        without one."""
-        model_ids = [int(i) for i in model_ids]
-        unit = import_unit_id(self.identity, role, forget_set, method, model_ids)
-        has_checkpoint = checkpoint is None or self.store.exists(self.store.checkpoint_path(unit))
-        if not has_checkpoint:
-            stack = load_easydub_checkpoints(checkpoint, seeds=model_ids)
-            self.store.write_checkpoint(unit, {"seeds": model_ids, "state": stack.state_dict()})
-        if self.store.is_complete(unit):
-            self.skipped.append(unit)
-            return
-        t0 = time.perf_counter()
-        seeds = [NO_SEED] * len(model_ids)
-        table = margins_table(run=self.run_id, unit=unit, role=role, method=method, params="{}",
-                              forget_set=forget_set, model_ids=model_ids, seeds=seeds, epoch=STORED_EPOCH,
-                              margins=load(), chunk_size=self.chunk_size)
-        meta = {"unit": unit, "kind": "import", "role": role, "forget_set": forget_set, "method": method,
-                "params": "{}", "epochs": [STORED_EPOCH], "model_ids": model_ids, "seeds": seeds,
-                "rows": table.num_rows, "compute_s": 0.0, "wall_s": time.perf_counter() - t0,
-                "source": "easydub", "hub_epoch": HUB_EPOCH}
-        # the store's one writer: page checksums, one row group per (split, chunk), committed atomically
-        self.store.write_unit(meta, table, row_group_size=len(model_ids))
-        self.written.append(unit)
-
-
-def _record_dataset(store: RunStore, n_train: int, n_val: int) -> None:
-    """``dataset.json``: the sizes the hub margins cover. Its fingerprint stays null until a run that unlearns
-    with images records theirs (``record_images``)."""
-    record = {"name": "cifar10", "fingerprint": None, "n_train": n_train, "n_val": n_val,
-              "source_train": list(range(n_train)), "source_val": list(range(n_val))}
-    path = store.path("dataset.json")
-    if store.exists(path):
-        existing = store.read_json(path)
-        if {**existing, "fingerprint": None} != record:
-            raise EasyDubError(f"{store.uri}/dataset.json differs from what this import would write; use a new --out")
-        return
-    store.write_json(path, record)
-
-
-def record_images(store: RunStore, fingerprint: str) -> None:
-    """Note in ``dataset.json`` which images the run's methods unlearn with; refuse other images later on, since
-    the stored unlearned margins were computed on the first ones."""
-    path = store.path("dataset.json")
-    record = store.read_json(path)
-    if record.get("fingerprint") not in (None, fingerprint):
-        raise EasyDubError(f"{store.uri} was unlearned with other CIFAR-10 images (fingerprint "
-                           f"{record['fingerprint']}, these are {fingerprint}); use a new --out folder")
-    if record.get("fingerprint") is None:
-        store.write_json(path, {**record, "fingerprint": fingerprint})
-
-
-def _record_forget_set(store: RunStore, fs: str, idx: np.ndarray) -> None:
-    description = f"EasyDUB forget set {fs} ({len(idx)} train samples, hub file {forget_set_file(fs)})"
-    if not store.record_forget_set(fs, description, idx):
-        raise EasyDubError(f"forget set {fs!r} in {store.uri} has other indices than the hub file; "
-                           "use a new --out folder")
 
 
 def _update_record(store: RunStore, source: str | Path, root: Path, checks: dict, reader: _Reader,

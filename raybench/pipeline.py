@@ -1,0 +1,240 @@
+"""``raybench run`` from top to bottom: data → store → plan → sources provide ensembles → engine → reduce → publish.
+
+The one owner of a run. Every step is a call into a module below this one; none of them knows about the others:
+the plan makes the units, the source (``raybench.sources``) provides its ensembles (an import source writes them,
+the trained source hands them to the engine), the engine runs what must be trained or unlearned on Ray, and reduce
+scores the folder through whatever task mapper it is given (Ray tasks on a multi-node cluster, else in process).
+``cli.py`` only parses options, calls this module and maps its errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from raybench.config import ConfigError, RunConfig, validate
+from raybench.data import Dataset, ForgetSet, load_dataset
+from raybench.engine import EngineError, RunReport, cluster_for_reduce, map_tasks, run_units, start_ray
+from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, plan_method_runs, source_units
+from raybench.reduce import reduce_run, write_summary
+from raybench.report import write_report
+from raybench.sources import Source, SourceError, source_for
+from raybench.store import RunStore, StoreError
+from raybench.versions import collect_versions
+
+log = logging.getLogger(__name__)
+
+STEPS = ("all", "train", "unlearn")
+
+
+@dataclass
+class RunResult:
+    """What ``run`` did: the plan, the run folder, the engine's report and the summary it published."""
+
+    plan: Plan
+    store: RunStore
+    report: RunReport
+    summary: dict
+    page: str
+
+
+def run(config: RunConfig, *, step: str = "all", verbose: bool = False, progress: Callable[[str], None] | None = None,
+        kill_after: Callable[[Unit], bool] | None = None) -> RunResult:
+    """``raybench run`` (``step="all"``), ``raybench train`` or ``raybench unlearn``: compute what is missing, then
+    summarise every complete ensemble in the folder and write the report."""
+    plan, store, report = execute(config, step=step, verbose=verbose, progress=progress, kill_after=kill_after)
+    summary, page = summarize(store)
+    return RunResult(plan, store, report, summary, page)
+
+
+def execute(config: RunConfig, *, step: str = "all", verbose: bool = False,
+            progress: Callable[[str], None] | None = None,
+            kill_after: Callable[[Unit], bool] | None = None) -> tuple[Plan, RunStore, RunReport]:
+    """Plan the run, let its source provide the ensembles, skip finished units and run the rest on Ray.
+
+    ``step``: ``"train"`` runs only the train units (originals, oracles, matching oracles, the floor),
+    ``"unlearn"`` only the unlearn units, which needs the train units they start from to be committed already;
+    ``"all"`` both. ``kill_after``: the engine's fault-injection hook, for tests only (``engine.run_units``).
+    """
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
+    source = _source(config.source)
+    store = RunStore(config.output_uri())
+    with store.lock():  # one run at a time per folder; a refused run leaves no new folder behind
+        return _execute(config, source, store, verbose=verbose, progress=progress, step=step, kill_after=kill_after)
+
+
+def _source(spec: str, cache_dir: str | None = None) -> Source:
+    try:
+        return source_for(spec, cache_dir=cache_dir)
+    except SourceError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _load_dataset(config: RunConfig) -> Dataset:
+    try:
+        return load_dataset(config.dataset, config.data_root or None)
+    except ValueError as err:  # CIFAR-10 missing and offline, corrupted files: the user's to fix, exit code 2
+        raise ConfigError(str(err)) from err
+
+
+def _execute(config: RunConfig, source: Source, store: RunStore, *, verbose: bool,
+             progress: Callable[[str], None] | None, step: str,
+             kill_after: Callable[[Unit], bool] | None) -> tuple[Plan, RunStore, RunReport]:
+    t0 = time.perf_counter()
+    # -- data: the images every unit trains or unlearns on, loaded once on the driver
+    dataset = _load_dataset(config)
+    check_unit_sizes(config, plan_method_runs(config), dataset.n_train + dataset.n_val)  # before any import
+    # -- store and plan: the run's identity is its source's; every unit id is made by the plan
+    try:
+        identity = source.identity(config, dataset)
+        run_id = store.open_run(identity, collect_versions())  # versions recorded in run.json, never hashed
+        forget_sets = source.forget_sets(config, dataset, store)
+        plan = make_plan(config, dataset, forget_sets, source, identity)
+        source.record_dataset(store, dataset)
+        _record_forget_sets(store, forget_sets)
+        store.clean_uncommitted()  # leftovers of an interrupted driver or a killed worker: never read
+        # -- sources provide ensembles: an import source writes its units, the trained one hands them on
+        provided = [u for u in plan.units if u.kind != "unlearn"]
+        to_compute = source.provide(provided, store, run_id, dataset)
+    except SourceError as err:
+        raise ConfigError(str(err)) from err
+    done = store.completed_units()
+    store.verify_units(done[u.id] for u in plan.units if u.id in done)  # a damaged unit is refused, not built on
+    missing = [u.id for u in provided if u not in to_compute and u.id not in done]
+    if missing:
+        raise StoreError(f"source {source.name} did not provide {len(missing)} unit(s) of this run: {missing[:3]}")
+    # -- engine: what must be trained or unlearned, on Ray
+    runnable = to_compute + [u for u in plan.units if u.kind == "unlearn"]
+    selected = [u for u in runnable if step == "all" or u.kind == step]
+    todo = [u for u in selected if u.id not in done]
+    waiting = {dep for u in todo for dep in u.depends_on if dep not in done}  # "all" trains them first
+    if step == "unlearn" and waiting:
+        raise ConfigError(f"{len(waiting)} train unit(s) that these methods start from are not in {store.uri} yet: "
+                          "run `raybench train` with the same config first (or `raybench run`, which does both)")
+    report = RunReport(run_id, store.uri, len(selected), len(selected) - len(todo), 0)
+    say = progress or (lambda msg: log.info(msg))
+    if report.units_skipped:
+        skipped_models = sum(u.n_models for u in selected if u.id in done)
+        say(f"resuming {store.uri}: {report.units_skipped} of {len(selected)} units ({skipped_models} models) "
+            f"already complete, skipped; {len(todo)} to run")
+    if todo:
+        owns_ray = start_ray(config, verbose)
+        try:
+            run_units(todo, plan, dataset, store, run_id, {fs.id: fs.indices for fs in forget_sets.values()}, report,
+                      say, kill_after=kill_after)
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+    report.wall_s = time.perf_counter() - t0
+    if report.failed:
+        lines = "\n".join(f"  {uid}: {err.strip().splitlines()[-1] if err.strip() else err}"
+                          for uid, err in report.failed.items())
+        raise EngineError(f"{len(report.failed)} unit(s) failed (the rest are saved; rerun to retry):\n{lines}")
+    return plan, store, report
+
+
+def plan_run(config: RunConfig, dataset: Dataset, store: RunStore | None = None) -> Plan:
+    """The plan of ``config`` on ``dataset`` with its source's forget sets and identity, as ``raybench run``
+    makes it (without running or writing anything)."""
+    source = _source(config.source)
+    try:
+        return make_plan(config, dataset, source.forget_sets(config, dataset, store), source,
+                         source.identity(config, dataset))
+    except SourceError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _record_forget_sets(store: RunStore, forget_sets: dict[str, ForgetSet]) -> None:
+    """Store each forget set's indices with the run; refuse a set whose id now means other indices."""
+    for fs_id, fs in forget_sets.items():
+        if not store.record_forget_set(fs_id, fs.description, fs.indices):
+            raise ConfigError(f"forget set {fs_id!r} in {store.uri} has other indices than the one given now; "
+                              "give it another name or use a new --out folder")
+
+
+# -- reduce and publish ----------------------------------------------------------------------------------------------
+def summarize(store: RunStore, *, direction: str | None = None) -> tuple[dict, str]:
+    """The folder's summary, as ``raybench reduce`` gives it: every complete ensemble (ensembles of earlier runs
+    into the same folder stay in it; a summary never loses one it had, see ``write_summary``), written as
+    summary.csv / summary.json, then report.html and its plots. Returns summary.json's content and the page."""
+    skipped: list[str] = []
+    mapper = map_tasks if cluster_for_reduce() else None  # Ray tasks only on a cluster of several nodes
+    kwargs = {} if direction is None else {"direction": direction}
+    rows = reduce_run(store, skipped=skipped, mapper=mapper, **kwargs)
+    summary = write_summary(store, rows, skipped=skipped)
+    return summary, write_report(store, summary)
+
+
+# -- imports without a run ---------------------------------------------------------------------------------------
+@dataclass
+class ImportReport:
+    """What an import did: the run, the data sizes it found, the units it wrote or found already committed, and
+    the source's notes on anything that can make reduce's numbers differ from the publisher's."""
+
+    run_id: str
+    out: str
+    source: str
+    n_train: int
+    n_val: int
+    units_written: list[str]
+    units_skipped: list[str]
+    forget_sets: dict  # id -> indices, in file order
+    notes: list[str]
+
+    @property
+    def forget_set_sizes(self) -> dict[str, int]:
+        return {fs: len(idx) for fs, idx in self.forget_sets.items()}
+
+
+def import_source(name: str, location: str | Path, forget_sets: Sequence[str], n_models: int, out: str, *,
+                  n_oracles: int | None = None, matching_oracles: int = 0, floor: bool = False,
+                  checkpoints: bool = False, block_size: int = 50, chunk_size: int = 8192,
+                  images: Dataset | None = None, cache_dir: str | None = None) -> ImportReport:
+    """``raybench import NAME``: a published source's originals ``0..n_models-1`` and, per forget set, its scoring
+    oracles (``n_oracles``, default N), ``matching_oracles`` matching oracles and, with ``floor``, the
+    ``oracle_floor`` ensemble, written into the run folder ``out``; no Ray. ``checkpoints`` stores the originals'
+    state dicts too (what unlearning starts from), checked against the published margins on ``images`` where the
+    source can. The units are the ones ``raybench run`` with ``source = "NAME:LOCATION"`` plans, so a run on the
+    folder resumes from them. A rerun finds every unit committed and reads nothing from the source."""
+    source = _source(f"{name}:{location}" if str(location) else name, cache_dir)
+    if source.trains:
+        raise ConfigError(f"source {name!r} trains its models: use `raybench run`, not `raybench import`")
+    ids = [str(fs).strip() for fs in forget_sets if str(fs).strip()]
+    if not ids or len(set(ids)) != len(ids):
+        raise ConfigError(f"forget sets must be distinct ids like 2,5, got {list(forget_sets)}")
+    for what, value, low in (("matching_oracles", matching_oracles, 0),):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{what} must be an integer >= {low}, got {value!r}")
+    config = RunConfig(dataset="cifar10", n_models=n_models, n_oracles=n_oracles, forget_sets=tuple(ids),
+                       methods=("do_nothing",), block_size=block_size, chunk_size=chunk_size,
+                       source=source.name if not str(location) else f"{source.name}:{location}", floor=floor,
+                       out=out)
+    validate(config)
+    store = RunStore(out)
+    with store.lock():  # like a run: one writer at a time, no empty folder left by a refusal
+        identity = source.identity(config, images)
+        try:
+            run_id = store.open_run(identity)  # refuses another run's folder before reading the source
+            sets = source.forget_sets(config, images, store)
+            units = source_units(config, source, identity, sets, n_oracles=n_oracles or n_models,
+                                 n_matching=matching_oracles, floor=floor, checkpoints=checkpoints)
+            _record_forget_sets(store, sets)
+            before = {u.id for u in units if store.is_complete(u.id)}
+            source.provide(units, store, run_id, images)
+        except SourceError as err:
+            raise ConfigError(str(err)) from err
+        store.clean_uncommitted()  # the writer's emptied staging folder: nothing is in flight under the lock
+        missing = [u.id for u in units if not store.is_complete(u.id)]
+        if missing:
+            raise StoreError(f"source {source.name} did not provide {len(missing)} unit(s): {missing[:3]}")
+        data = store.read_record(store.path("dataset.json"), "dataset.json", {"n_train": int, "n_val": int})
+        notes = source.notes(store)
+    return ImportReport(run_id, store.uri, str(location), data["n_train"], data["n_val"],
+                        [u.id for u in units if u.id not in before], [u.id for u in units if u.id in before],
+                        {fs_id: fs.indices for fs_id, fs in sets.items()}, notes)
