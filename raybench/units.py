@@ -1,6 +1,6 @@
 """Execute one unit: train or unlearn a stacked block of models and return its margins as an Arrow table.
 
-Ray-free on purpose: ``engine.py`` calls this inside worker actors, and tests and benchmarks call it in-process.
+Ray-free on purpose: ``engine.worker`` calls this inside worker actors, and tests and benchmarks call it in-process.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ def test_reduce_as_ray_tasks_equals_reduce_in_process(ray_session, local_run):
 
 
 def test_reduce_goes_to_ray_tasks_on_a_multi_node_cluster(ray_session, local_run, monkeypatch):
-    import raybench.engine as engine
+    import raybench.engine as engine  # reduce looks map_tasks up here at call time (a lazy import)
 
     calls = []
     real = engine.map_tasks
