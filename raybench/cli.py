@@ -148,8 +148,8 @@ def _config_options(fn):
 def run_command(ctx: click.Context, config_path: str | None, params: tuple[str, ...], **options: object) -> None:
     """Train originals and oracles, unlearn, store margins as Parquet, and print the KLOM summary.
 
-    With --easydub-source (or easydub_source in the config), EasyDUB's published originals and oracles are
-    imported instead of trained, and only the methods run. Rerunning with the same --out resumes: finished units
+    With --source easydub or klom-models (or source in the config), a published source's originals and oracles
+    are imported instead of trained, and only the methods run. Rerunning with the same --out resumes: finished units
     are never recomputed.
     """
     _run_step(ctx, config_path, params, options, "all")
@@ -175,9 +175,9 @@ def unlearn_command(ctx: click.Context, config_path: str | None, params: tuple[s
 
 def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ...], options: dict,
               step: str) -> None:
-    from raybench.config import ConfigError, build_config
+    from raybench.config import ConfigError
     from raybench.engine import EngineError
-    from raybench.pipeline import run
+    from raybench.pipeline import load_config, run
     from raybench.report import summary_table
     from raybench.store import StoreError
 
@@ -189,7 +189,7 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
         options["source"] = f"easydub:{easydub}"
     try:
         cli_params = _parse_params(params)
-        config = build_config(config_path, params=cli_params or None, **options)
+        config = load_config(config_path, params=cli_params or None, **options)
         result = run(config, step=step, verbose=verbose, progress=_progress)
     except (ConfigError, StoreError) as err:
         raise click.UsageError(str(err)) from err

@@ -1,7 +1,8 @@
 """RunConfig: what a run computes, from defaults, a TOML file (``jobs/*.toml``) and CLI overrides, validated.
 
-Precedence: CLI option > TOML file > default. Everything is validated here, before Ray starts, so a typo costs
-an exit code 2 and a clear message, not a cluster allocation.
+Precedence: CLI option > TOML file > default. Every value is validated here, before Ray starts, so a typo costs
+an exit code 2 and a clear message, not a cluster allocation; what needs the method registry or the source (method
+parameters, what a source can provide) is checked by ``pipeline.load_config`` right after, still before any work.
 
 TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``n_oracles``, ``forget_sets``,
 ``methods``, ``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``,
@@ -199,15 +200,6 @@ def validate(config: RunConfig) -> None:
     if not isinstance(config.recipe, dict):
         raise ConfigError(f"recipe must be a table of recipe values ([recipe] key = value), got {config.recipe!r}")
     config.resolved_recipe()
-    from raybench.plan import plan_method_runs  # here: plan imports this module
-
-    plan_method_runs(config)  # every method parameter's type and range, and every sweep's values distinct
-    from raybench.sources import SourceError, source_for  # here: sources import this module
-
-    try:
-        source_for(config.source).check(config)  # a source that cannot provide the run refuses it before any work
-    except SourceError as err:
-        raise ConfigError(str(err)) from err
     remote = bool(config.address) or bool(os.environ.get("RAY_ADDRESS"))
     out = config.output_uri()
     if remote and "://" not in out and not os.path.isabs(out):

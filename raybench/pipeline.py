@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybench.config import ConfigError, RunConfig, validate
+from raybench.config import ConfigError, RunConfig, build_config, validate
 from raybench.data import Dataset, ForgetSet, load_dataset
 from raybench.engine import EngineError, RunReport, cluster_for_reduce, map_tasks, run_units, start_ray
 from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, plan_method_runs, source_units
@@ -41,6 +41,24 @@ class RunResult:
     page: str
 
 
+def load_config(toml_path: str | None = None, **cli: object) -> RunConfig:
+    """The run config of ``raybench run``: defaults < TOML < CLI (``config.build_config``), then what only the
+    layers above the config can check (``check``)."""
+    config = build_config(toml_path, **cli)
+    check(config)
+    return config
+
+
+def check(config: RunConfig) -> None:
+    """Before anything starts: every method parameter's type and range (and every sweep's values distinct), and
+    whether the run's source can provide the run (e.g. EasyDUB publishes 200 oracles per forget set)."""
+    plan_method_runs(config)
+    try:
+        source_for(config.source).check(config)
+    except SourceError as err:
+        raise ConfigError(str(err)) from err
+
+
 def run(config: RunConfig, *, step: str = "all", verbose: bool = False, progress: Callable[[str], None] | None = None,
         kill_after: Callable[[Unit], bool] | None = None) -> RunResult:
     """``raybench run`` (``step="all"``), ``raybench train`` or ``raybench unlearn``: compute what is missing, then
@@ -61,6 +79,7 @@ def execute(config: RunConfig, *, step: str = "all", verbose: bool = False,
     """
     if step not in STEPS:
         raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
+    check(config)
     source = _source(config.source)
     store = RunStore(config.output_uri())
     with store.lock():  # one run at a time per folder; a refused run leaves no new folder behind
@@ -216,6 +235,7 @@ def import_source(name: str, location: str | Path, forget_sets: Sequence[str], n
                        source=source.name if not str(location) else f"{source.name}:{location}", floor=floor,
                        out=out)
     validate(config)
+    check(config)
     store = RunStore(out)
     with store.lock():  # like a run: one writer at a time, no empty folder left by a refusal
         identity = source.identity(config, images)

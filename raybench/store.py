@@ -36,6 +36,7 @@ is read from; it is null where only margins are known (imported models).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -48,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,35 @@ class FolderInUse(StoreError):
 
 
 @dataclass(frozen=True)
+class Manifest:
+    """What a unit's writer records about it (``commit_unit`` adds its files, their sizes and digests, the forget
+    set's digest and the format version): the one definition of a manifest's fields, for trained, unlearned and
+    imported units alike. Fields left None are not written (an import has no gradient work to report)."""
+
+    unit: str
+    kind: str  # "train" | "unlearn" | "import"
+    role: str
+    forget_set: str
+    method: str
+    params: str  # canonical JSON of the method's parameters
+    epochs: list[int]  # one per stored snapshot
+    model_ids: list[int]
+    seeds: list[int]
+    rows: int
+    compute_s: float = 0.0  # inside the unit: training / unlearning
+    wall_s: float = 0.0  # inside the unit: everything
+    grad_samples: list[int] | None = None  # per snapshot: samples per model forwarded with gradients so far
+    compute_s_by_epoch: list[float] | None = None
+    code_versions: dict | None = None  # the versions hashed into the unit id
+    versions: dict | None = None  # packages and device of the process that computed it
+    extra: dict = field(default_factory=dict)  # what a source adds (e.g. "source", "hub_epoch")
+
+    def to_dict(self) -> dict:
+        record = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra" and v is not None}
+        return {**record, **self.extra}
+
+
+@dataclass(frozen=True)
 class UnitOutput:
     """Where a committed unit's margins live, as recorded in its manifest."""
 
@@ -161,19 +191,15 @@ def margins_table(
     m = len(ids)
     columns: dict[str, dict[str, np.ndarray]] = {"margins": {}, "top1_margins": {}}
     for split, matrix in margins.items():
-        matrix = columns["margins"][split] = np.asarray(matrix, dtype=np.float32)
+        matrix = columns["margins"][split] = finite_margins(matrix, ids, f"margins on {split} at epoch {epoch}")
         if matrix.ndim != 2 or matrix.shape[0] != m:
             raise ValueError(f"margins of split {split} have shape {matrix.shape}, expected ({m}, samples)")
-        if not np.isfinite(matrix).all():
-            raise ValueError(f"non-finite margins in unit {unit} ({role}/{method}, split {split}, epoch {epoch})")
         if top1 is not None:
-            scores = columns["top1_margins"][split] = np.asarray(top1[split], dtype=np.float32)
+            scores = columns["top1_margins"][split] = finite_margins(top1[split], ids,
+                                                                     f"top-1 margins on {split} at epoch {epoch}")
             if scores.shape != matrix.shape:
                 raise ValueError(f"top-1 margins of split {split} have shape {scores.shape}, margins "
                                  f"{matrix.shape}")
-            if not np.isfinite(scores).all():
-                raise ValueError(f"non-finite top-1 margins in unit {unit} ({role}/{method}, split {split}, "
-                                 f"epoch {epoch})")
     splits, chunks, starts, widths = [], [], [], []
     for split, matrix in columns["margins"].items():
         for chunk, start in enumerate(range(0, matrix.shape[1], chunk_size)):
@@ -209,14 +235,37 @@ def margins_table(
     fixed = {"run": run, "unit": unit, "role": role, "method": method, "params": params,
              "forget_set": forget_set, "epoch": epoch}
     arrays = []
-    for field in MARGINS_SCHEMA:
-        if field.name in fixed:
-            arrays.append(pa.array([fixed[field.name]] * n, type=field.type))
-        elif field.name in lists_by_name:
-            arrays.append(lists_by_name[field.name])
+    for column in MARGINS_SCHEMA:
+        if column.name in fixed:
+            arrays.append(pa.array([fixed[column.name]] * n, type=column.type))
+        elif column.name in lists_by_name:
+            arrays.append(lists_by_name[column.name])
         else:
-            arrays.append(pa.array(per_row[field.name], type=field.type))
+            arrays.append(pa.array(per_row[column.name], type=column.type))
     return pa.Table.from_arrays(arrays, schema=MARGINS_SCHEMA)
+
+
+class NonFiniteMargins(ValueError):
+    """Margins with NaN: no stored value means what a NaN would (``finite_margins``). ``models``: their ids."""
+
+    def __init__(self, message: str, models: list[int]) -> None:
+        super().__init__(message)
+        self.models = models
+
+
+def finite_margins(matrix: np.ndarray, model_ids: Iterable[int], what: str) -> np.ndarray:
+    """The one NaN/inf policy of stored margins, as float32 (models x samples). ±inf (a saturated or diverged
+    model) is stored as ±float32 max, which KLOM clips to ±100 exactly as it clips ±inf and whose sign is what
+    accuracy reads; NaN has no such reading and is refused, naming the models (``NonFiniteMargins``)."""
+    out = np.asarray(matrix, dtype=np.float32)
+    if np.isfinite(out).all():
+        return out
+    if np.isnan(out).any():
+        ids = list(model_ids)
+        rows = np.flatnonzero(np.isnan(out).reshape(len(out), -1).any(axis=1)) if out.ndim else [0]
+        bad = sorted({ids[i] if i < len(ids) else int(i) for i in rows})
+        raise NonFiniteMargins(f"NaN {what} for model(s) {bad[:10]}", bad)
+    return np.nan_to_num(out, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)  # a copy
 
 
 def forget_set_digest(indices: Iterable[int]) -> str:

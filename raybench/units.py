@@ -1,6 +1,6 @@
 """Execute one unit: train or unlearn a stacked block of models and return its margins as an Arrow table.
 
-Ray-free on purpose: ``engine.py`` calls this inside worker actors, and tests and benchmarks call it in-process.
+Ray-free on purpose: ``engine.worker`` calls this inside worker actors, and tests and benchmarks call it in-process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from raybench.data import Dataset
 from raybench.methods import UnlearnData, get_method
 from raybench.models import StackedModel, build_stack, concat_stacks, grad_samples, reset_grad_samples
 from raybench.plan import Unit
-from raybench.store import RunStore, margins_table
+from raybench.store import Manifest, NonFiniteMargins, RunStore, margins_table
 from raybench.training import Recipe, compute_scores, train_stack
 from raybench.versions import collect_versions
 
@@ -122,28 +122,22 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         if seen != list(unit.epochs):
             raise RuntimeError(f"method {unit.method} yielded epochs {seen}, expected {list(unit.epochs)}")
     table = pa.concat_tables(tables)
-    meta = {"unit": unit.id, "kind": unit.kind, "role": unit.role, "forget_set": unit.forget_set,
-            "method": unit.method, "params": unit.params_json, "epochs": list(unit.epochs) or [ctx.recipe.epochs],
-            "model_ids": list(unit.model_ids), "seeds": list(unit.seeds), "rows": table.num_rows,
-            "compute_s": compute_s, "wall_s": time.perf_counter() - t0,
-            "grad_samples": [n for n, _ in work], "compute_s_by_epoch": [c for _, c in work],
-            "code_versions": unit.code_versions, "versions": collect_versions(ctx.device)}
-    return table, meta
+    meta = Manifest(unit.id, unit.kind, unit.role, unit.forget_set, unit.method, unit.params_json,
+                    list(unit.epochs) or [ctx.recipe.epochs], list(unit.model_ids), list(unit.seeds), table.num_rows,
+                    compute_s, time.perf_counter() - t0, [n for n, _ in work], [c for _, c in work],
+                    unit.code_versions, collect_versions(ctx.device))
+    return table, meta.to_dict()
 
 
 def _table(unit: Unit, ctx: UnitContext, epoch: int, scores: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
            ) -> pa.Table:
-    """Margins and top-1 margins rows of one snapshot. A diverged model (e.g. gradient ascent run too hot) can
-    have infinite values: they are stored as ±float32 max, which KLOM clips to ±100 exactly as it would clip ±inf
-    (and whose sign is what accuracy reads). NaN has no such reading, so it fails the unit with the reason."""
+    """Margins and top-1 margins rows of one snapshot, stored under the store's NaN/inf policy
+    (``store.finite_margins``); NaN fails the unit with the reason."""
     margins, top1 = scores
-    for what, by_split in (("margins", margins), ("top-1 margins", top1)):
-        for split, matrix in by_split.items():
-            if np.isnan(matrix).any():
-                models = sorted({unit.model_ids[i] for i in np.flatnonzero(np.isnan(matrix).any(axis=1))})
-                raise FloatingPointError(f"{unit.method} on forget set {unit.forget_set}: NaN {what} on {split} at "
-                                         f"epoch {epoch} for model(s) {models[:10]} (the method diverged)")
-            np.nan_to_num(matrix, copy=False, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)
-    return margins_table(run=ctx.run_id, unit=unit.id, role=unit.role, method=unit.method, params=unit.params_json,
-                         forget_set=unit.forget_set, model_ids=unit.model_ids, seeds=unit.seeds, epoch=epoch,
-                         margins=margins, chunk_size=ctx.chunk_size, top1=top1)
+    try:
+        return margins_table(run=ctx.run_id, unit=unit.id, role=unit.role, method=unit.method,
+                             params=unit.params_json, forget_set=unit.forget_set, model_ids=unit.model_ids,
+                             seeds=unit.seeds, epoch=epoch, margins=margins, chunk_size=ctx.chunk_size, top1=top1)
+    except NonFiniteMargins as err:
+        raise FloatingPointError(f"{unit.method} on forget set {unit.forget_set}: {err} (the method diverged)"
+                                 ) from None

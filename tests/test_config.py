@@ -1,6 +1,6 @@
 """Every config value, recipe value and method parameter is checked for type and range before anything starts.
 
-These all fail in ``build_config`` (no data set, no Ray): each case names the rule it breaks.
+These all fail in ``pipeline.load_config`` (no data set, no Ray): each case names the rule it breaks.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from raybench import spec
-from raybench.config import ConfigError, build_config
+from raybench.config import ConfigError
 from raybench.methods import Method, expand_grid, get_method, snapshot_epochs
+from raybench.pipeline import load_config as build_config  # the config's own checks, then methods' and source's
 from raybench.training import Recipe, default_recipe
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from raybench.plan import Ensemble
-from raybench.store import RunStore, margins_table
+from raybench.store import Manifest, RunStore, margins_table
 
 if TYPE_CHECKING:
     from raybench.config import RunConfig
@@ -97,8 +97,7 @@ def write_import_unit(store: RunStore, run_id: str, unit: Unit, *, source: str, 
     table = margins_table(run=run_id, unit=unit.id, role=unit.role, method=unit.method, params=unit.params_json,
                           forget_set=unit.forget_set, model_ids=model_ids, seeds=seeds, epoch=epoch, margins=margins,
                           top1=top1, chunk_size=chunk_size)
-    meta = {"unit": unit.id, "kind": "import", "role": unit.role, "forget_set": unit.forget_set,
-            "method": unit.method, "params": unit.params_json, "epochs": [epoch], "model_ids": model_ids,
-            "seeds": seeds, "rows": table.num_rows, "compute_s": 0.0, "wall_s": time.perf_counter() - t0,
-            "source": source, **(extra or {})}
-    store.write_unit(meta, table, row_group_size=len(model_ids))
+    meta = Manifest(unit.id, "import", unit.role, unit.forget_set, unit.method, unit.params_json, [epoch],
+                    model_ids, seeds, table.num_rows, wall_s=time.perf_counter() - t0,
+                    extra={"source": source, **(extra or {})})
+    store.write_unit(meta.to_dict(), table, row_group_size=len(model_ids))

@@ -95,7 +95,8 @@ MARGIN_CHECK_MODELS = 2  # pretrain models and scoring oracles (per forget set) 
 MARGIN_CHECK_SAMPLES = 128  # margins compared per hub file, at evenly spaced positions
 MARGIN_ATOL, MARGIN_RTOL = 0.25, 0.05  # |ours - hub| <= ATOL + RTOL·|hub|: bf16 rounding (module docstring)
 NOT_CHECKED = ("margin cross-check not done: no images to recompute the published checkpoints' margins on "
-               "(import-easydub --data-root); method rows start from checkpoints not compared with the hub's margins")
+               "(raybench import easydub --data-root); method rows start from checkpoints not compared with the "
+               "hub's margins")
 
 
 class EasyDubError(SourceError):
@@ -302,9 +303,7 @@ class _Reader:
             if arr.dtype != np.float32 and not np.array_equal(out[row], arr):
                 self.notes.append(f"{rel}: {arr.dtype} margins rounded to float32 (max change "
                                   f"{np.max(np.abs(out[row] - arr)):.3g}); KLOM can differ from EasyDUB's there")
-        # ±inf is stored as ±float32 max, which KLOM clips to ±100 exactly as it clips ±inf (as units.py does)
-        np.nan_to_num(out, copy=False, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)
-        return out
+        return out  # ±inf is stored under the store's policy (``store.finite_margins``)
 
 
 # -- the source ------------------------------------------------------------------------------------------------------
@@ -326,7 +325,8 @@ class EasydubSource(Source):
                                f"publishes CIFAR-10 ResNet-9s (got {config.dataset} / {config.resolved_arch})")
         bad = [fs for fs in config.forget_sets if not FORGET_ID.fullmatch(fs)]
         if bad:
-            raise EasyDubError(f"forget sets of EasyDUB are positive integers (EasyDUB's ids 1..10), got {', '.join(bad)}")
+            raise EasyDubError(f"forget sets of EasyDUB are positive integers (EasyDUB's ids 1..10), got "
+                               f"{', '.join(bad)}")
         method_runs = plan_method_runs(config)
         # the n_models that fits is reported with oracle matching's count growing with n_models (per_model)
         allocate_oracles(config.n_models, n_oracles=config.n_oracles, oracle_floor=config.floor,
@@ -491,8 +491,8 @@ def _check_against_store(store: RunStore, allocation: OracleAllocation, forget_s
             raise EasyDubError(
                 f"forget set {fs} in {store.uri}: oracle matching's matching oracles and the oracle floor would share "
                 f"hub oracles {_span(shared)}, so the floor would be judged by the models oracle matching copies; "
-                f"import the floor after every matching oracle (import-easydub --matching-oracles "
-                f"{max(matching) + 1 - allocation.scoring.stop} --oracle-floor) into a new --out folder")
+                f"import the floor after every matching oracle (raybench import easydub --matching-oracles "
+                f"{max(matching) + 1 - allocation.scoring.stop}, the floor on) into a new --out folder")
 
 
 def _recorded_check_covers(store: RunStore, forget_sets: Sequence[str], allocation: OracleAllocation,

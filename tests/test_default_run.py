@@ -1,0 +1,26 @@
+"""The README's first command, end to end: ``raybench run --methods all`` on the embedded digits data writes the
+summary.csv stored in ``tests/data/default_summary.csv`` byte for byte.
+
+The stored copy was written by raybench before the pipeline and sources restructuring (format version 2, with
+the ``oracle_floor`` rows): moving code between modules must not change one number. It holds on the CPUs CI runs
+on (every CPU worker trains with one torch thread whatever the core count, ``engine.runtime.worker_options``); a
+change that alters results on purpose (a version bump) regenerates it with ``raybench run --methods all --out DIR``
+and says why in the commit.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+STORED = Path(__file__).parent / "data" / "default_summary.csv"
+
+
+def test_the_default_run_reproduces_the_stored_summary(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "raybench.cli", "run", "--methods", "all", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "summary.csv").read_bytes() == STORED.read_bytes()
