@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from raybench.metrics import KLOM_VERSION, VARIANTS, klom_details, summarize
+from raybench.metrics import DIRECTIONS, KLOM_VERSION, VARIANTS, klom_details, summarize
 
 if TYPE_CHECKING:
     from raybench.store import RunStore
@@ -205,7 +205,10 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
 
 @main.command("reduce")
 @click.argument("out")
-def reduce_command(out: str) -> None:
+@click.option("--kl-direction", type=click.Choice(DIRECTIONS), default=DIRECTIONS[0], show_default=True,
+              help="KL(unlearned ‖ oracle), the published KLOM; or oracle-unlearned, what DUB's run.py prints "
+                   "(rows then carry klom_version '…+oracle-unlearned').")
+def reduce_command(out: str, kl_direction: str) -> None:
     """Recompute summary.csv / summary.json (and report.html) of a run folder from its Parquet margins alone."""
     from raybench.reduce import reduce_run
     from raybench.report import summary_table
@@ -214,7 +217,7 @@ def reduce_command(out: str) -> None:
     try:
         store = RunStore(out)
         skipped: list[str] = []
-        rows = reduce_run(store, skipped=skipped)
+        rows = reduce_run(store, skipped=skipped, direction=kl_direction)
         _publish(store, rows, skipped)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
