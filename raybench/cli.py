@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from raybench.metrics import KLOM_VERSION, VARIANTS, klom_details, summarize
+from raybench.metrics import DIRECTIONS, KLOM_VERSION, VARIANTS, klom_details, summarize
 
 EXIT_BAD_INPUT = 2
 MAX_BINS = 10_000
@@ -205,14 +205,17 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
 
 @main.command("reduce")
 @click.argument("out")
-def reduce_command(out: str) -> None:
+@click.option("--kl-direction", type=click.Choice(DIRECTIONS), default=DIRECTIONS[0], show_default=True,
+              help="KL(unlearned ‖ oracle), the published KLOM; or oracle-unlearned, what DUB's run.py prints "
+                   "(rows then carry klom_version '…+oracle-unlearned').")
+def reduce_command(out: str, kl_direction: str) -> None:
     """Recompute summary.csv / summary.json (and report.html) of a run folder from its Parquet margins alone."""
     from raybench.pipeline import summarize
     from raybench.report import summary_table
     from raybench.store import RunStore, StoreError
 
     try:
-        summary, _ = summarize(RunStore(out))
+        summary, _ = summarize(RunStore(out), direction=kl_direction)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
     click.echo(summary_table(summary["rows"]))
@@ -239,7 +242,8 @@ def report_command(out: str) -> None:
 
 def _import_options(fn):
     options = [
-        click.option("--forget-sets", required=True, help="Comma-separated forget-set ids of the source, e.g. 2,5."),
+        click.option("--forget-sets", required=True, help="Comma-separated forget-set ids of the source, e.g. 2,5 "
+                     "('' for originals alone)."),
         click.option("--n-models", type=int, default=100, show_default=True,
                      help="Originals to import (the source's model ids 0..N-1)."),
         click.option("--n-oracles", type=int, help="Oracles per forget set that score them (ids 0..K-1; default N)."),
@@ -271,11 +275,14 @@ def _import_options(fn):
 @click.option("--floor/--no-floor", default=True, show_default=True,
               help="Also import N more oracles per forget set (after the scoring and matching oracles, never shared "
                    "with them) as method 'oracle_floor': the oracle-vs-oracle noise floor.")
+@click.option("--variant", type=click.Choice(["CIFAR10", "CIFAR10_augmented", "LIVING17"]),
+              help="klom-models only: which full_models folder holds the originals (default CIFAR10; the other two "
+                   "have no published oracles: give --forget-sets '' to import their originals alone).")
 @_import_options
-def import_command(source: str, location: str, floor: bool, **options: object) -> None:
+def import_command(source: str, location: str, floor: bool, variant: str | None, **options: object) -> None:
     """Write a published source's originals and oracles into a run folder, ready for `raybench reduce` (scores
     do_nothing as the publisher's evaluation does) or `raybench run --source SOURCE:FROM` (runs the methods)."""
-    _import(source, location, floor, **options)
+    _import(source, location, floor, variant=variant, **options)
 
 
 @main.command("import-easydub")
@@ -293,7 +300,7 @@ def import_easydub_command(location: str, floor: bool, **options: object) -> Non
 
 def _import(source: str, location: str, floor: bool, *, forget_sets: str, n_models: int, n_oracles: int | None,
             out: str, matching_oracles: int, checkpoints: bool, data_root: str | None, block_size: int,
-            chunk_size: int, cache_dir: str | None) -> None:
+            chunk_size: int, cache_dir: str | None, variant: str | None = None) -> None:
     from raybench.config import ConfigError
     from raybench.data import load_dataset
     from raybench.pipeline import import_source
@@ -307,7 +314,8 @@ def _import(source: str, location: str, floor: bool, *, forget_sets: str, n_mode
     try:
         report = import_source(source, location, ids, n_models, out, n_oracles=n_oracles,
                                matching_oracles=matching_oracles, floor=floor, checkpoints=checkpoints,
-                               block_size=block_size, chunk_size=chunk_size, images=images, cache_dir=cache_dir)
+                               block_size=block_size, chunk_size=chunk_size, images=images, cache_dir=cache_dir,
+                               variant=variant)
     except (ConfigError, StoreError) as err:
         raise click.UsageError(str(err)) from err
     sizes = ", ".join(f"{fs} ({n})" for fs, n in report.forget_set_sizes.items())

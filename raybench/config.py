@@ -88,8 +88,10 @@ class RunConfig:
 
     def output_uri(self) -> str:
         """``out``, else ``runs/<dataset>-<digest>`` of what the run computes (its source included)."""
+        if self.out:
+            return self.out
         key = self.identity() if self.source == "trained" else {**self.identity(), "source": self.source}
-        return self.out or str(Path("runs") / f"{self.dataset}-{digest(key, 8)}")
+        return str(Path("runs") / f"{self.dataset}-{digest(key, 8)}")
 
 
 def load_toml(path: str) -> dict:
@@ -158,20 +160,22 @@ bound cannot judge."""
 _STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source")
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, *, data_known: bool = True) -> None:
     """Every value's type and range, the recipe's and every method parameter's, before anything starts.
 
     Bounds: ``2 <= n_models <= spec.MAX_MODELS``, ``1 <= block_size <= MAX_BLOCK_SIZE``, ``1 <= chunk_size <=
     MAX_CHUNK_SIZE``, ``seed`` a 64-bit integer, ``num_cpus >= 1`` (a Ray with no CPU computes every unit and then
     hangs writing them), ``num_gpus >= 0``. That one unit's margins fit a Parquet list column needs the data set's
     size, so ``plan.check_unit_sizes`` checks it once the data set is loaded, still before any work.
+    ``data_known=False`` (an import of published margins) accepts a data set and architecture raybench cannot load
+    or build, such as KLOM-models' LIVING17 ResNet-18s.
     """
     for key in _STRING_KEYS:
         if not isinstance(getattr(config, key), str):
             raise ConfigError(f"{key} must be a string, got {getattr(config, key)!r}")
-    if config.dataset not in DATASETS:
+    if data_known and config.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
-    if config.resolved_arch not in ARCHS:
+    if data_known and config.resolved_arch not in ARCHS:
         raise ConfigError(f"unknown arch {config.arch!r}; known: {', '.join(ARCHS)}")
     for key, low, high in (("n_models", 1, spec.MAX_MODELS), ("block_size", 1, MAX_BLOCK_SIZE),
                            ("chunk_size", 1, MAX_CHUNK_SIZE)):
@@ -199,7 +203,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("params must be a table of tables: [params.<method>] key = value")
     if not isinstance(config.recipe, dict):
         raise ConfigError(f"recipe must be a table of recipe values ([recipe] key = value), got {config.recipe!r}")
-    config.resolved_recipe()
+    if data_known:
+        config.resolved_recipe()
     remote = bool(config.address) or bool(os.environ.get("RAY_ADDRESS"))
     out = config.output_uri()
     if remote and "://" not in out and not os.path.isabs(out):

@@ -49,12 +49,13 @@ def load_config(toml_path: str | None = None, **cli: object) -> RunConfig:
     return config
 
 
-def check(config: RunConfig) -> None:
+def check(config: RunConfig, source: Source | None = None) -> None:
     """Before anything starts: every method parameter's type and range (and every sweep's values distinct), and
-    whether the run's source can provide the run (e.g. EasyDUB publishes 200 oracles per forget set)."""
+    whether the run's source (``config.source``'s unless given) can provide the run (e.g. EasyDUB publishes 200
+    oracles per forget set)."""
     plan_method_runs(config)
     try:
-        source_for(config.source).check(config)
+        (source or source_for(config.source)).check(config)
     except SourceError as err:
         raise ConfigError(str(err)) from err
 
@@ -86,9 +87,9 @@ def execute(config: RunConfig, *, step: str = "all", verbose: bool = False,
         return _execute(config, source, store, verbose=verbose, progress=progress, step=step, kill_after=kill_after)
 
 
-def _source(spec: str, cache_dir: str | None = None) -> Source:
+def _source(spec: str, cache_dir: str | None = None, variant: str | None = None) -> Source:
     try:
-        return source_for(spec, cache_dir=cache_dir)
+        return source_for(spec, cache_dir=cache_dir, variant=variant)
     except SourceError as err:
         raise ConfigError(str(err)) from err
 
@@ -214,28 +215,31 @@ class ImportReport:
 def import_source(name: str, location: str | Path, forget_sets: Sequence[str], n_models: int, out: str, *,
                   n_oracles: int | None = None, matching_oracles: int = 0, floor: bool = False,
                   checkpoints: bool = False, block_size: int = 50, chunk_size: int = 8192,
-                  images: Dataset | None = None, cache_dir: str | None = None) -> ImportReport:
+                  images: Dataset | None = None, cache_dir: str | None = None,
+                  variant: str | None = None) -> ImportReport:
     """``raybench import NAME``: a published source's originals ``0..n_models-1`` and, per forget set, its scoring
     oracles (``n_oracles``, default N), ``matching_oracles`` matching oracles and, with ``floor``, the
     ``oracle_floor`` ensemble, written into the run folder ``out``; no Ray. ``checkpoints`` stores the originals'
     state dicts too (what unlearning starts from), checked against the published margins on ``images`` where the
     source can. The units are the ones ``raybench run`` with ``source = "NAME:LOCATION"`` plans, so a run on the
-    folder resumes from them. A rerun finds every unit committed and reads nothing from the source."""
-    source = _source(f"{name}:{location}" if str(location) else name, cache_dir)
+    folder resumes from them. A rerun finds every unit committed and reads nothing from the source. ``variant``:
+    which model folder of a hub that has several (``klom-models``); with no forget sets, only the originals are
+    imported (e.g. KLOM-models' LIVING17, which has no published oracles)."""
+    source = _source(f"{name}:{location}" if str(location) else name, cache_dir, variant)
     if source.trains:
         raise ConfigError(f"source {name!r} trains its models: use `raybench run`, not `raybench import`")
     ids = [str(fs).strip() for fs in forget_sets if str(fs).strip()]
-    if not ids or len(set(ids)) != len(ids):
+    if len(set(ids)) != len(ids):
         raise ConfigError(f"forget sets must be distinct ids like 2,5, got {list(forget_sets)}")
     for what, value, low in (("matching_oracles", matching_oracles, 0),):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{what} must be an integer >= {low}, got {value!r}")
-    config = RunConfig(dataset="cifar10", n_models=n_models, n_oracles=n_oracles, forget_sets=tuple(ids),
+    config = RunConfig(**source.config_defaults(), n_models=n_models, n_oracles=n_oracles, forget_sets=tuple(ids),
                        methods=("do_nothing",), block_size=block_size, chunk_size=chunk_size,
                        source=source.name if not str(location) else f"{source.name}:{location}", floor=floor,
                        out=out)
-    validate(config)
-    check(config)
+    validate(config, data_known=False)  # published margins: the data set need not be one raybench can load
+    check(config, source)
     store = RunStore(out)
     with store.lock():  # like a run: one writer at a time, no empty folder left by a refusal
         identity = source.identity(config, images)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raybench.metrics import KLOM_VERSION, klom_details, summarize
+from raybench.metrics import DIRECTIONS, KLOM_VERSION, klom_details, summarize
 from raybench.store import FLOOR_METHOD, RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
 from raybench.versions import summary_versions
 
@@ -141,6 +141,7 @@ class ChunkJob:
     n_models: int
     n_oracles: int
     label: str  # for error messages
+    direction: str = DIRECTIONS[0]  # KL(unlearned ‖ oracle), or "oracle-unlearned" (docs/metrics.md#variants)
 
 
 TaskMapper = Callable[[Callable, list], Iterator]
@@ -179,7 +180,7 @@ def score_chunk(store: RunStore, job: ChunkJob) -> list[ChunkScores]:
         unlearned, top1 = _matrices(store, job.files, job, epoch, job.n_models, "models")
         correct = _top1_accuracy(top1, job.width)
         del top1
-        result = klom_details(unlearned, oracle)
+        result = klom_details(unlearned, oracle, direction=job.direction)
         out.append((result.values, result.degenerate, correct, oracle_correct))
         del unlearned
     return out
@@ -209,7 +210,7 @@ class _Scoring:
 
 def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                methods: list[tuple[str, str]] | None = None, mapper: TaskMapper | None = None,
-               skipped: list[str] | None = None) -> list[dict]:
+               skipped: list[str] | None = None, direction: str = DIRECTIONS[0]) -> list[dict]:
     """Summary rows for every complete (forget set, method, params) group, or only the ones asked for.
 
     ``methods`` is a list of (method, params JSON); ``do_nothing`` is scored from the originals.
@@ -220,7 +221,11 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     ``skipped`` (if given) is appended one line per ensemble left out as incomplete, for ``write_summary``.
     Every file read is first checked against its manifest, and every unit against its forget set's record
     (``StoreError`` otherwise): a damaged folder gives no numbers rather than wrong ones.
+    ``direction`` = ``"oracle-unlearned"`` scores KL(oracle ‖ unlearned), DUB ``run.py``'s number, and marks every
+    row's ``klom_version`` with it (``klom_version_of``); the default is the published KL(unlearned ‖ oracle).
     """
+    if direction not in DIRECTIONS:
+        raise StoreError(f"unknown KL direction {direction!r}; known: {', '.join(DIRECTIONS)}")
     info = store.run_info()
     identity = info["identity"]
     for key in ("n_models", "chunk_size"):
@@ -273,7 +278,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
             for chunk in range((n + chunk_size - 1) // chunk_size):
                 width = min(chunk_size, n - chunk * chunk_size)
                 jobs.append(ChunkJob(files, oracle_files, sc.stored_epochs, split, chunk, width,
-                                     sc.group.n_models, sc.oracle.n_models, label))
+                                     sc.group.n_models, sc.oracle.n_models, label, direction))
     if mapper is not None and jobs:
         log.info("reducing %d chunk jobs through %s", len(jobs), getattr(mapper, "__name__", "the task mapper"))
         results = mapper(score_chunk_at, [(store.uri, job) for job in jobs])
@@ -292,12 +297,20 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                         full[cols] = part
             per_sample[split] = arrays
         for k, epoch in enumerate(sc.epochs):
-            rows.extend(_rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"]))
+            rows.extend(_rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"],
+                              klom_version_of(direction)))
     return rows
 
 
-def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[str, int], run_id: str
-          ) -> list[dict]:
+def klom_version_of(direction: str) -> str:
+    """The ``klom_version`` of rows scored in ``direction``: ``KLOM_VERSION`` for the default, suffixed with the
+    direction otherwise, so a reversed number is never taken for the published one (and the default summary.csv
+    is unchanged)."""
+    return KLOM_VERSION if direction == DIRECTIONS[0] else f"{KLOM_VERSION}+{direction}"
+
+
+def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[str, int], run_id: str,
+          klom_version: str) -> list[dict]:
     """One summary row per split view (retain, forget, val) of one ensemble at one epoch."""
     in_forget = np.zeros(n_split["train"], dtype=bool)
     in_forget[sc.forget_idx] = True
@@ -312,7 +325,7 @@ def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[
             "split": split, "n_models": sc.group.n_models, "n_oracles": sc.oracle.n_models, "n_samples": len(idx),
             **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
             "accuracy": _accuracy(correct), "oracle_accuracy": _accuracy(oracle_correct),
-            "grad_samples": grad_samples, "klom_version": KLOM_VERSION, "run": run_id, "compute_s": compute_s,
+            "grad_samples": grad_samples, "klom_version": klom_version, "run": run_id, "compute_s": compute_s,
         })
     return rows
 
@@ -364,8 +377,14 @@ def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | Non
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
     store.write_bytes(store.path("summary.csv"), buffer.getvalue().encode())
     info = store.run_info()
-    summary = {"run": info["run"], "identity": info["identity"], "klom_version": KLOM_VERSION,
+    klom_versions = sorted({r["klom_version"] for r in rows})
+    if len(klom_versions) != 1:
+        raise StoreError(f"rows of several KLOM definitions ({', '.join(klom_versions)}) cannot share one summary")
+    summary = {"run": info["run"], "identity": info["identity"], "klom_version": klom_versions[0],
                "versions": summary_versions(u.meta for u in store.completed_units().values()), "rows": rows}
+    for direction in DIRECTIONS[1:]:
+        if klom_versions[0] == klom_version_of(direction):
+            summary["kl_direction"] = direction
     store.write_bytes(store.path("summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from klom_reference import reference_klom
+from klom_reference import reference_klom, reference_sample
 
 from raybench.metrics import klom, klom_details
 
@@ -178,3 +178,59 @@ def test_float32_margins_use_float32_edges_like_numpy2():
     fast = klom(u, o)
     np.testing.assert_array_equal(fast, reference_klom(u, o))
     assert fast[0] != reference_klom(u.astype(np.float64), o.astype(np.float64))[0]
+
+
+# -- the reversed direction: KL(oracle ‖ unlearned), DUB run.py's (docs/metrics.md#variants) -------------------------
+@pytest.mark.parametrize("name,u,o", list(_cases()), ids=[c[0] for c in _cases()])
+@pytest.mark.parametrize("variant", ["easydub", "closed"])
+def test_reversed_direction_is_the_restated_definition_with_p_from_the_oracles(name, u, o, variant):
+    """Per sample, P = the oracles' histogram and Q = the unlearned one, every other step as restated."""
+    expected = np.array([reference_sample(o[:, i], u[:, i], closed=(variant == "closed")) for i in range(u.shape[1])])
+    got = klom(u, o, variant=variant, direction="oracle-unlearned")
+    np.testing.assert_array_equal(got, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 12), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**32 - 1),
+    st.sampled_from([np.float32, np.float64]), st.sampled_from([1, 3, 20]),
+)
+def test_property_reversed_direction(n_u, n_o, n_samples, seed, dtype, bins):
+    rng = np.random.default_rng(seed)
+    values = np.array([-150.0, -100.0, -3.5, -1.0, 0.0, 0.1, 1.0, 2.0, 7.25, 100.0, 250.0], dtype)
+    u = rng.choice(values, (n_u, n_samples))
+    o = rng.choice(values, (n_o, n_samples)) + rng.integers(0, 2) * rng.normal(0, 1, (n_o, n_samples)).astype(dtype)
+    expected = np.array([reference_sample(o[:, i], u[:, i], bins=bins) for i in range(n_samples)])
+    result = klom_details(u, o, bins=bins, direction="oracle-unlearned")
+    np.testing.assert_array_equal(result.values, expected)
+    # dropped counts stay named by ensemble, whichever defines P
+    for ensemble, dropped in ((u, result.dropped_unlearned), (o, result.dropped_oracle)):
+        hi = np.maximum(np.clip(u, -100, 100).max(axis=0), np.clip(o, -100, 100).max(axis=0))
+        assert dropped.tolist() == (np.clip(ensemble, -100, 100) == hi).sum(axis=0).tolist()
+
+
+def test_reversed_direction_flags_an_empty_oracle_histogram_not_an_empty_unlearned_one():
+    """Degenerate = P empty: in the reversed direction, every oracle value on the top edge."""
+    rng = np.random.default_rng(7)
+    on_top = np.full((10, 4), 120.0, np.float32)  # clipped to 100 = the top edge
+    spread = rng.normal(0, 1, (10, 4)).astype(np.float32)
+    flagged = klom_details(spread, on_top, direction="oracle-unlearned")  # oracles on the edge: P empty
+    assert np.all(flagged.values == 0.0) and flagged.degenerate.all() and flagged.n_degenerate == 4
+    assert np.all(flagged.dropped_oracle == 10) and np.all(flagged.dropped_unlearned == 0)
+    real = klom_details(on_top, spread, direction="oracle-unlearned")  # unlearned on the edge: Q empty, a real gap
+    assert real.n_degenerate == 0 and np.all(real.values > 10)
+    assert klom_details(on_top, spread).n_degenerate == 4  # the default direction flags that one
+
+
+def test_the_two_directions_differ_and_the_default_is_unlearned_oracle():
+    rng = np.random.default_rng(3)
+    u = rng.normal(1.5, 0.5, (40, 300)).astype(np.float32)
+    o = rng.normal(0, 2, (40, 300)).astype(np.float32)
+    np.testing.assert_array_equal(klom(u, o), klom(u, o, direction="unlearned-oracle"))
+    np.testing.assert_array_equal(klom(u, o, direction="oracle-unlearned"), klom(o, u))
+    assert not np.array_equal(klom(u, o), klom(u, o, direction="oracle-unlearned"))
+
+
+def test_unknown_direction_is_refused():
+    with pytest.raises(ValueError, match="unknown KL direction"):
+        klom(np.zeros((2, 2)), np.zeros((2, 2)), direction="symmetric")

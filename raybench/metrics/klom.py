@@ -11,6 +11,10 @@ reproduces it *bit for bit*, quirks included, while running several hundred time
 * ``p`` (unlearned) and ``q`` (oracle) are normalised counts; ``q`` is floored at ``eps`` only where ``p > 0``
   and is not renormalised; KLOM = Σ_{p>0} p·ln(p/q).
 
+``direction="oracle-unlearned"`` swaps which ensemble is ``p`` (KL(oracle ‖ unlearned), what DUB's ``run.py``
+prints; docs/metrics.md#variants): the kernel is the same, called with the two ensembles exchanged, so every step
+above holds with the roles swapped, including which side's empty histogram makes a sample degenerate.
+
 The counting runs in a fused numba kernel over blocks of samples (parallel over blocks, cache-friendly row
 access). The float arithmetic that follows uses the same NumPy ufuncs as the reference and a summation that
 reproduces NumPy's reduction order, so the results are identical, not merely close.
@@ -27,6 +31,8 @@ KLOM_VERSION = "easydub-1"
 """Stamped on every summary row: which definition produced the number (see docs/metrics.md#variants)."""
 
 VARIANTS = ("easydub", "closed")
+DIRECTIONS = ("unlearned-oracle", "oracle-unlearned")
+"""KL(unlearned ‖ oracle), the published definition and the default; KL(oracle ‖ unlearned), DUB ``run.py``'s."""
 _BLOCK = 128  # samples per parallel task: a block of columns stays hot in L2 between its two reads
 _CHUNK = 8192  # samples per call of the kernel: bounds temporary memory whatever the input size
 
@@ -36,8 +42,9 @@ class KlomResult:
     """Per-sample KLOM plus what the reference silently does to it.
 
     ``dropped_unlearned`` / ``dropped_oracle`` count the values that fell on the top edge and were not binned.
-    A sample is *degenerate* when every unlearned value was dropped: the reference then scores it 0, a false
-    perfect score that summaries must flag.
+    A sample is *degenerate* when every value of the ensemble that defines P was dropped (the unlearned one, or
+    the oracles with ``direction="oracle-unlearned"``): the reference then scores it 0, a false perfect score that
+    summaries must flag.
     """
 
     values: np.ndarray
@@ -45,9 +52,12 @@ class KlomResult:
     dropped_oracle: np.ndarray
     n_unlearned: int
     n_oracle: int
+    direction: str = DIRECTIONS[0]
 
     @property
     def degenerate(self) -> np.ndarray:
+        if self.direction == "oracle-unlearned":
+            return self.dropped_oracle == self.n_oracle
         return self.dropped_unlearned == self.n_unlearned
 
     @property
@@ -63,12 +73,14 @@ def klom(
     clip: tuple[float, float] = (-100.0, 100.0),
     eps: float = 1e-5,
     variant: str = "easydub",
+    direction: str = "unlearned-oracle",
 ) -> np.ndarray:
-    """KLOM per sample, KL(unlearned ‖ oracle), as float64 of shape (samples,).
+    """KLOM per sample, KL(unlearned ‖ oracle) (or KL(oracle ‖ unlearned) with ``direction="oracle-unlearned"``),
+    as float64 of shape (samples,).
 
     ``unlearned`` has shape (models_u, samples) and ``oracle`` (models_o, samples); the model counts may differ.
     """
-    return klom_details(unlearned, oracle, bins=bins, clip=clip, eps=eps, variant=variant).values
+    return klom_details(unlearned, oracle, bins=bins, clip=clip, eps=eps, variant=variant, direction=direction).values
 
 
 def klom_details(
@@ -79,9 +91,14 @@ def klom_details(
     clip: tuple[float, float] = (-100.0, 100.0),
     eps: float = 1e-5,
     variant: str = "easydub",
+    direction: str = "unlearned-oracle",
 ) -> KlomResult:
     """KLOM per sample with the counts of dropped values (see :class:`KlomResult`)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown KL direction {direction!r}; known: {', '.join(DIRECTIONS)}")
     u, o = _check_inputs(unlearned, oracle, bins, clip, eps, variant)
+    # P is the first ensemble the kernel gets: exchanging the two is the whole of the reversed direction
+    p_side, q_side = (o, u) if direction == "oracle-unlearned" else (u, o)
     n = u.shape[1]
     values = np.empty(n, dtype=np.float64)
     drop_u = np.zeros(n, dtype=np.int64)
@@ -95,13 +112,14 @@ def klom_details(
     nnz = np.empty(width, dtype=np.int64)
     for s0 in range(0, n, _CHUNK):
         s1 = min(n, s0 + _CHUNK)
-        _binned_terms(u, o, s0, s1, grid, dtype(1.0), clip_lo, clip_hi, variant == "closed", float(eps), _BLOCK,
-                      p, ratio, nnz, drop_u[s0:s1], drop_o[s0:s1])
+        drop_p, drop_q = (drop_o, drop_u) if direction == "oracle-unlearned" else (drop_u, drop_o)
+        _binned_terms(p_side, q_side, s0, s1, grid, dtype(1.0), clip_lo, clip_hi, variant == "closed", float(eps),
+                      _BLOCK, p, ratio, nnz, drop_p[s0:s1], drop_q[s0:s1])
         # The one transcendental step runs in NumPy, as in the reference, so its last bit is NumPy's (NumPy
         # may use its own SIMD log rather than libm's). Slots past nnz hold positive leftovers, never summed.
         logs = np.log(ratio[: s1 - s0])
         values[s0:s1] = _row_sums(p[: s1 - s0], logs, nnz[: s1 - s0])
-    return KlomResult(values, drop_u, drop_o, u.shape[0], o.shape[0])
+    return KlomResult(values, drop_u, drop_o, u.shape[0], o.shape[0], direction)
 
 
 def _check_inputs(unlearned, oracle, bins, clip, eps, variant) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,13 @@ from raybench.sources.base import Ensemble, Source, SourceError, write_import_un
 SOURCES = ("trained", "easydub", "klom-models")
 
 
-def source_for(spec: str, *, cache_dir: str | None = None) -> Source:
-    """The source a ``source`` setting names (``"trained"``, ``"easydub:/data/hub"``, ``"klom-models"`` …)."""
+def source_for(spec: str, *, cache_dir: str | None = None, variant: str | None = None) -> Source:
+    """The source a ``source`` setting names (``"trained"``, ``"easydub:/data/hub"``, ``"klom-models"`` …).
+    ``variant``: which of a hub's model folders (``klom-models``: ``CIFAR10``, ``CIFAR10_augmented``,
+    ``LIVING17``); the others have one."""
     name, _, location = str(spec).partition(":")
+    if variant is not None and name != "klom-models":
+        raise SourceError(f"source {name!r} has no variants (only klom-models has), got {variant!r}")
     if name == "trained":
         if location:
             raise SourceError(f"source 'trained' takes no location, got {spec!r}")
@@ -28,7 +32,7 @@ def source_for(spec: str, *, cache_dir: str | None = None) -> Source:
     if name == "klom-models":
         from raybench.sources.klom_models import KlomModelsSource
 
-        return KlomModelsSource(location, cache_dir=cache_dir)
+        return KlomModelsSource(location, cache_dir=cache_dir, variant=variant or "CIFAR10")
     raise SourceError(f"unknown source {name!r}; known: {', '.join(SOURCES)} (as NAME or NAME:FOLDER_OR_REPO)")
 
 

@@ -46,6 +46,10 @@ class Source(ABC):
         nothing."""
         return None
 
+    def config_defaults(self) -> dict:
+        """The run settings the source's models imply (``dataset``, ``arch``), for an import without a run config."""
+        return {}
+
     @abstractmethod
     def identity(self, config: RunConfig, dataset: Dataset | None) -> dict:
         """The run identity (``RunStore.open_run``): what gives the stored units their meaning."""

@@ -333,6 +333,9 @@ class EasydubSource(Source):
                          matching_oracles=lambda n: matching_oracle_count(dataclasses.replace(config, n_models=n),
                                                                           method_runs))
 
+    def config_defaults(self) -> dict:
+        return {"dataset": "cifar10", "arch": "resnet9"}
+
     def identity(self, config: RunConfig, dataset: Dataset | None) -> dict:
         """Nothing here trained the models, so no recipe or seed gives them their meaning (the recipe still goes
         into unlearn unit ids)."""
