@@ -327,6 +327,46 @@ def _import(source: str, location: str, floor: bool, *, forget_sets: str, n_mode
     click.echo(f"next: raybench reduce {report.out}")
 
 
+@main.command("score")
+@click.option("--unlearned", "folder", required=True,
+              help="Folder of .npy margins (models × samples): retain.npy (train ids outside the forget set, "
+                   "ascending), forget.npy (the forget set's order), val.npy (data-set order); optionally "
+                   "retain_top1.npy, forget_top1.npy, val_top1.npy for accuracy.")
+@click.option("--against", required=True, help="Run folder whose oracles score them (trained or imported).")
+@click.option("--forget-set", required=True, help="Forget-set id of that run (forget_sets/<id>.json).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="CSV to write, in summary.csv's format.")
+@click.option("--method", default="external", show_default=True, help="Method name in the rows.")
+@click.option("--params", default="{}", show_default=True, help="Method parameters in the rows (a JSON object).")
+@click.option("--epoch", type=click.IntRange(min=0), help="Epoch in the rows (default: empty, unknown).")
+def score_command(folder: str, against: str, forget_set: str, out: str, method: str, params: str,
+                  epoch: int | None) -> None:
+    """Score margins computed elsewhere against a run's oracles of one forget set: the summary rows a run
+    would have for them (KLOM and accuracy per split), written to --out and printed."""
+    import os
+
+    from raybench.reduce import summary_csv
+    from raybench.report import summary_table
+    from raybench.score import score_folder
+    from raybench.sources.base import SourceError
+    from raybench.store import StoreError
+
+    try:
+        rows = score_folder(folder, against, forget_set, method=method, params=params, epoch=epoch)
+    except (SourceError, StoreError) as err:
+        raise click.UsageError(str(err)) from err
+    path = Path(out)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:  # a complete file or none: a half-written CSV would read as a shorter result
+        tmp.write_text(summary_csv(rows), newline="")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise click.UsageError(f"cannot write {out}: {err}") from err
+    click.echo(summary_table([{**r, "epoch": "-" if r["epoch"] is None else r["epoch"]} for r in rows]))
+    click.echo(f"\nscored against run {rows[0]['run']} (forget set {forget_set}); rows in {out}")
+
+
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list: name, version, description, defaults, default_epochs and each parameter's "

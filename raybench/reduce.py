@@ -109,13 +109,15 @@ def _newest(units: list[UnitOutput]) -> list[UnitOutput]:
     return [u for u in units if _code_version(u) == newest]
 
 
-def _check_complete(group: Group, n_expected: int, what: str, skipped: list[str] | None = None) -> bool:
+def _check_complete(group: Group, n_expected: int, what: str, skipped: list[str] | None = None, *,
+                    warn: bool = True) -> bool:
     ids = sorted(i for u in group.units for i in u.meta["model_ids"])
     if len(ids) != len(set(ids)):
         raise StoreError(f"{what}: model ids stored twice ({len(ids)} rows for {len(set(ids))} models)")
     if len(ids) != n_expected:
-        log.warning("%s: %d of %d models stored; skipped (rerun `raybench run` to finish it)", what, len(ids),
-                    n_expected)
+        if warn:  # a caller that refuses instead (``read_oracles``) says it in its one-line error
+            log.warning("%s: %d of %d models stored; skipped (rerun `raybench run` to finish it)", what, len(ids),
+                        n_expected)
         if skipped is not None:
             skipped.append(f"{what}: {len(ids)} of {n_expected} models stored")
         return False
@@ -208,6 +210,19 @@ class _Scoring:
     stored_epochs: tuple[int | None, ...]
 
 
+def _run_shape(store: RunStore) -> tuple[dict, int, int, int, dict[str, int]]:
+    """(run.json, N, oracles per forget set, chunk size, samples per stored split) of a run folder, checked."""
+    info = store.run_info()
+    identity = info["identity"]
+    for key in ("n_models", "chunk_size"):
+        if not isinstance(identity.get(key), int):
+            raise StoreError(f"{store.path('run.json')} is not a valid run.json: its identity has no {key}")
+    n_models, chunk_size = identity["n_models"], identity["chunk_size"]
+    n_oracles = identity.get("n_oracles", n_models)  # an import can score N models against more oracles
+    dataset = store.read_record(store.path("dataset.json"), "dataset.json", {"n_train": int, "n_val": int})
+    return info, n_models, n_oracles, chunk_size, {"train": dataset["n_train"], "val": dataset["n_val"]}
+
+
 def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                methods: list[tuple[str, str]] | None = None, mapper: TaskMapper | None = None,
                skipped: list[str] | None = None, direction: str = DIRECTIONS[0]) -> list[dict]:
@@ -226,15 +241,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     """
     if direction not in DIRECTIONS:
         raise StoreError(f"unknown KL direction {direction!r}; known: {', '.join(DIRECTIONS)}")
-    info = store.run_info()
-    identity = info["identity"]
-    for key in ("n_models", "chunk_size"):
-        if not isinstance(identity.get(key), int):
-            raise StoreError(f"{store.path('run.json')} is not a valid run.json: its identity has no {key}")
-    n_models, chunk_size = identity["n_models"], identity["chunk_size"]
-    n_oracles = identity.get("n_oracles", n_models)  # an import can score N models against more oracles
-    dataset = store.read_record(store.path("dataset.json"), "dataset.json", {"n_train": int, "n_val": int})
-    n_split = {"train": dataset["n_train"], "val": dataset["n_val"]}
+    info, n_models, n_oracles, chunk_size, n_split = _run_shape(store)
     role_groups, oracle_groups, method_groups = _groups(store.completed_units())
     original = role_groups["original"]
     for fs in sorted(({f for f, _, _ in method_groups} | set(store.forget_set_ids())) - set(oracle_groups),
@@ -312,27 +319,96 @@ def klom_version_of(direction: str) -> str:
 def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[str, int], run_id: str,
           klom_version: str) -> list[dict]:
     """One summary row per split view (retain, forget, val) of one ensemble at one epoch."""
-    in_forget = np.zeros(n_split["train"], dtype=bool)
-    in_forget[sc.forget_idx] = True
-    views = {"retain": ("train", np.flatnonzero(~in_forget)), "forget": ("train", sc.forget_idx),
-             "val": ("val", np.arange(n_split["val"]))}
     grad_samples, compute_s = (0, 0.0) if sc.group.method == "do_nothing" else sc.group.work(epoch)
     rows = []
-    for split, (source, idx) in views.items():
+    for split, (source, idx) in split_views(sc.forget_idx, n_split).items():
         values, degenerate, correct, oracle_correct = (a[idx] for a in per_sample[source])
-        rows.append({
-            "forget_set": sc.forget_set, "method": sc.group.method, "params": sc.group.params, "epoch": epoch,
-            "split": split, "n_models": sc.group.n_models, "n_oracles": sc.oracle.n_models, "n_samples": len(idx),
-            **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
-            "accuracy": _accuracy(correct), "oracle_accuracy": _accuracy(oracle_correct),
-            "grad_samples": grad_samples, "klom_version": klom_version, "run": run_id, "compute_s": compute_s,
-        })
+        rows.append(summary_row(
+            forget_set=sc.forget_set, method=sc.group.method, params=sc.group.params, epoch=epoch, split=split,
+            n_models=sc.group.n_models, n_oracles=sc.oracle.n_models, values=values, degenerate=degenerate,
+            correct=correct, oracle_correct=oracle_correct, grad_samples=grad_samples, run_id=run_id,
+            compute_s=compute_s, klom_version=klom_version))
     return rows
+
+
+def split_views(forget_idx: np.ndarray, n_split: dict[str, int]) -> dict[str, tuple[str, np.ndarray]]:
+    """The scored splits as views of the stored ones (docs/design.md#splits-and-sample-ids): view -> (stored
+    split, sample ids in the view's order): retain ascending, forget in the forget set's own order, val whole."""
+    in_forget = np.zeros(n_split["train"], dtype=bool)
+    in_forget[forget_idx] = True
+    return {"retain": ("train", np.flatnonzero(~in_forget)), "forget": ("train", forget_idx),
+            "val": ("val", np.arange(n_split["val"]))}
+
+
+def summary_row(*, forget_set: str, method: str, params: str, epoch: int | None, split: str, n_models: int,
+                n_oracles: int, values: np.ndarray, degenerate: np.ndarray, correct: np.ndarray,
+                oracle_correct: np.ndarray, grad_samples: float | int | None, run_id: str,
+                compute_s: float | None, klom_version: str = KLOM_VERSION) -> dict:
+    """One summary row from the per-sample scores of one split view (KLOM, degenerate flags, top-1 accuracy of
+    the ensemble and of the oracles, NaN where unknown): the one row builder of ``reduce_run`` and ``score``."""
+    return {
+        "forget_set": forget_set, "method": method, "params": params, "epoch": epoch, "split": split,
+        "n_models": n_models, "n_oracles": n_oracles, "n_samples": len(values),
+        **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
+        "accuracy": _accuracy(correct), "oracle_accuracy": _accuracy(oracle_correct),
+        "grad_samples": grad_samples, "klom_version": klom_version, "run": run_id, "compute_s": compute_s,
+    }
 
 
 def _accuracy(per_sample: np.ndarray) -> float | None:
     """Top-1 accuracy over a split view; None (blank in the CSV) if any sample's is unknown: never a proxy."""
     return None if np.isnan(per_sample).any() else float(per_sample.mean())
+
+
+@dataclass(frozen=True)
+class OracleViews:
+    """One forget set's complete oracle ensemble per split view, read and checked as ``reduce_run`` reads it:
+    what ``raybench.score`` compares margins computed elsewhere with."""
+
+    forget_set: str
+    run_id: str
+    n_oracles: int
+    forget_idx: np.ndarray
+    margins: dict[str, np.ndarray]  # view -> (oracles, samples) float32, in the view's sample order
+    correct: dict[str, np.ndarray]  # view -> per-sample top-1 accuracy of the oracles, NaN where not stored
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {view: m.shape[1] for view, m in self.margins.items()}
+
+
+def read_oracles(store: RunStore, forget_set: str) -> OracleViews:
+    """The oracles of ``forget_set`` in a run folder, per split view; ``StoreError`` (one line) for a folder that
+    is not a run of this format version, an unknown forget set, oracles incomplete, or damaged files."""
+    info, _, n_oracles, chunk_size, n_split = _run_shape(store)
+    known = store.forget_set_ids()
+    if forget_set not in known:
+        raise StoreError(f"{store.uri} has no forget set {forget_set!r} (it has: "
+                         f"{', '.join(sorted(known, key=_natural)) or 'none'})")
+    what = f"oracles of forget set {forget_set} in {store.uri}"
+    oracle = _groups(store.completed_units())[1].get(forget_set)
+    if oracle is None:
+        raise StoreError(f"{what}: none stored; finish them with `raybench run` (or the import) first")
+    skipped: list[str] = []
+    if not _check_complete(oracle, n_oracles, what, skipped, warn=False):
+        raise StoreError(f"{skipped[0]}; finish them with `raybench run` (or the import) first")
+    forget_idx = store.check_forget_set(forget_set, oracle.units)
+    store.verify_units(oracle.units)
+    files = tuple(f for u in oracle.units for f in u.files)
+    stored = {}
+    for split, n in n_split.items():  # chunk by chunk, exactly as the reduce jobs read them
+        margins, correct = [], []
+        for chunk in range((n + chunk_size - 1) // chunk_size):
+            width = min(chunk_size, n - chunk * chunk_size)
+            job = ChunkJob(files, files, (None,), split, chunk, width, oracle.n_models, oracle.n_models, what)
+            matrix, top1 = _matrices(store, files, job, None, oracle.n_models, "oracles")
+            margins.append(matrix)
+            correct.append(_top1_accuracy(top1, width))
+        stored[split] = (np.concatenate(margins, axis=1), np.concatenate(correct))
+    views = split_views(forget_idx, n_split)
+    return OracleViews(forget_set, info["run"], oracle.n_models, forget_idx,
+                       {v: stored[s][0][:, idx] for v, (s, idx) in views.items()},
+                       {v: stored[s][1][idx] for v, (s, idx) in views.items()})
 
 
 def _natural(s: str) -> tuple:
@@ -348,6 +424,16 @@ def _summary_groups(store: RunStore) -> set[tuple[str, str, str]]:
     if not {"forget_set", "method", "params"} <= set(reader.fieldnames or ()):
         return set()  # not a summary this code wrote: nothing in it to lose
     return {(r["forget_set"], r["method"], r["params"]) for r in reader}
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """The text of ``summary.csv`` for these rows (floats as repr: the bits survive a round trip)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
 
 
 def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | None = None) -> dict:
@@ -370,12 +456,7 @@ def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | Non
         raise StoreError(f"not overwriting {store.path('summary.csv')}: it has results this reduce could not "
                          f"compute, {names}{more}{why or ' (their units are incomplete or missing)'}; finish them "
                          "with `raybench run` (or the import), or delete summary.csv to summarize without them")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-    store.write_bytes(store.path("summary.csv"), buffer.getvalue().encode())
+    store.write_bytes(store.path("summary.csv"), summary_csv(rows).encode())
     info = store.run_info()
     klom_versions = sorted({r["klom_version"] for r in rows})
     if len(klom_versions) != 1:
