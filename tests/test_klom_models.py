@@ -314,3 +314,11 @@ def test_only_the_needed_files_are_downloaded(hub, dataset, tmp_path, monkeypatc
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     _refused(tmp_path, "royrin/KLOM-models", ["2"], n, match="cannot download .* couldn't connect")
+
+
+def test_a_run_with_methods_that_unlearn_is_refused(hub):
+    # no state dicts are imported, so nothing could start from the originals: refused before any work
+    source = KlomModelsSource(str(hub))
+    source.check(RunConfig(dataset="cifar10", n_models=N, forget_sets=("2",), methods=("do_nothing",)))
+    with pytest.raises(SourceError, match="margins only.*finetune"):
+        source.check(RunConfig(dataset="cifar10", n_models=N, forget_sets=("2",), methods=("do_nothing", "finetune")))

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from raybench.data.forget_sets import ForgetSet, validate_indices
+from raybench.plan import plan_method_runs
 from raybench.sources.base import Ensemble, Source, SourceError, write_import_unit
 from raybench.store import FLOOR_METHOD, RunStore
 
@@ -197,6 +198,11 @@ class KlomModelsSource(Source):
                               f"got {', '.join(map(str, config.forget_sets)) or 'none'}")
         if config.forget_sets and not v.oracles:
             self._refuse_oracles()
+        unlearning = sorted({r.method.name for r in plan_method_runs(config) if r.method.fn is not None})
+        if unlearning:
+            raise SourceError(f"source klom-models imports margins only, not the originals' state dicts, so methods "
+                              f"cannot unlearn from them ({', '.join(unlearning)}); run do_nothing, or use source "
+                              "easydub or trained")
 
     def _refuse_oracles(self) -> None:
         v = self.variant
