@@ -261,7 +261,7 @@ def finite_margins(matrix: np.ndarray, model_ids: Iterable[int], what: str) -> n
     if np.isfinite(out).all():
         return out
     if np.isnan(out).any():
-        ids = list(model_ids)
+        ids = [int(i) for i in model_ids]
         rows = np.flatnonzero(np.isnan(out).reshape(len(out), -1).any(axis=1)) if out.ndim else [0]
         bad = sorted({ids[i] if i < len(ids) else int(i) for i in rows})
         raise NonFiniteMargins(f"NaN {what} for model(s) {bad[:10]}", bad)

@@ -255,7 +255,7 @@ def test_living17_imports_originals_and_refuses_oracles(hub, tmp_path):
 
 def test_the_contract_refuses_what_is_not_published(hub):
     source = KlomModelsSource(str(hub))
-    config = RunConfig(dataset="cifar10", n_models=N, forget_sets=("2",))
+    config = RunConfig(dataset="cifar10", n_models=N, forget_sets=("2",), methods=("do_nothing",))
     source.check(config)
     assert source.identity(config, None) == {"dataset": "cifar10", "arch": "resnet9", "source": "klom-models",
                                              "variant": "CIFAR10", "hub_epoch": 23, "n_models": N, "block_size": 50,

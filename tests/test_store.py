@@ -77,9 +77,15 @@ def test_margins_table_rows_are_ordered_by_split_chunk_model():
     assert table.column("margins").to_pylist()[3:6] == [[2, 3], [7, 8], [12, 13]]
     assert table.column("margins").to_pylist()[6] == [4]
     assert set(table.column("epoch").to_pylist()) == {4}
-    with pytest.raises(ValueError, match="non-finite"):
-        margins_table(run="r", unit="u", role="oracle", method="none", params="{}", forget_set="1", model_ids=[0],
-                      seeds=[0], epoch=0, margins={"train": np.array([[np.nan]])}, chunk_size=2)
+    # the store's one NaN/inf policy: NaN refused naming the model, ±inf stored as ±float32 max
+    with pytest.raises(ValueError, match=r"NaN margins on train at epoch 0 for model\(s\) \[5\]"):
+        margins_table(run="r", unit="u", role="oracle", method="none", params="{}", forget_set="1", model_ids=[4, 5],
+                      seeds=[0, 0], epoch=0, margins={"train": np.array([[1.0], [np.nan]])}, chunk_size=2)
+    saturated = margins_table(run="r", unit="u", role="oracle", method="none", params="{}", forget_set="1",
+                              model_ids=[0], seeds=[0], epoch=0, margins={"train": np.array([[np.inf, -np.inf]])},
+                              chunk_size=2)
+    big = float(np.finfo(np.float32).max)
+    assert saturated.column("margins").to_pylist() == [[big, -big]]
 
 
 def test_top1_margins_are_chunked_like_the_margins_and_null_when_not_given():
@@ -98,8 +104,10 @@ def test_top1_margins_are_chunked_like_the_margins_and_null_when_not_given():
         margins_table(**kw, margins={"train": m, "val": m}, top1={"train": m})
     with pytest.raises(ValueError, match="shape"):
         margins_table(**kw, margins={"train": m}, top1={"train": m[:, :4]})
-    with pytest.raises(ValueError, match="non-finite top-1"):
-        margins_table(**kw, margins={"train": m}, top1={"train": np.where(m > 3, np.inf, m)})
+    with pytest.raises(ValueError, match="NaN top-1 margins"):
+        margins_table(**kw, margins={"train": m}, top1={"train": np.where(m > 3, np.nan, m)})
+    clamped = margins_table(**kw, margins={"train": m}, top1={"train": np.where(m > 3, -np.inf, m)})
+    assert min(min(v) for v in clamped.column("top1_margins").to_pylist()) == -float(np.finfo(np.float32).max)
 
 
 def test_top1_matrix_reads_stored_top1_and_none_where_unknown(tmp_path):
