@@ -8,9 +8,7 @@ files with the reference KLOM loop.
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from easydub_hub import (
     replace,
     save_checkpoint,
 )
+from fake_hub import fake_snapshot_download
 from klom_reference import reference_klom
 from test_cifar10 import write_cifar_folder
 
@@ -111,19 +110,7 @@ def test_rerun_adds_forget_sets_and_keeps_finished_units(hub, tmp_path):
 def test_hub_repo_source_downloads_only_the_needed_files(hub, tmp_path, monkeypatch):
     import huggingface_hub
 
-    calls = []
-
-    def fake_snapshot_download(*, repo_id, repo_type, allow_patterns, cache_dir=None, **kwargs):
-        calls.append({"repo_id": repo_id, "repo_type": repo_type, "patterns": list(allow_patterns), **kwargs})
-        target = tmp_path / "hf-cache" / "snapshot"
-        for path in hub.rglob("*"):
-            rel = path.relative_to(hub).as_posix()
-            if path.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, target / rel)
-        return str(target)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    calls = fake_snapshot_download(monkeypatch, hub, tmp_path / "hf-cache" / "snapshot")
     out = str(tmp_path / "run")
     import_easydub("easydub/EasyDUB-dataset", ["10"], N, out, chunk_size=CHUNK)
     # the forget set first (it is needed to plan), then everything else in one download

@@ -4,7 +4,6 @@ computed from the same files (tests/klom_models_hub.py), in both KL directions."
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
 import json
 import shutil
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fake_hub import fake_snapshot_download
 from klom_models_hub import (
     add_living17,
     build_klom_hub,
@@ -278,19 +278,8 @@ def test_the_contract_refuses_what_is_not_published(hub):
 def test_only_the_needed_files_are_downloaded(hub, dataset, tmp_path, monkeypatch):
     import huggingface_hub
 
-    calls = []
     target = tmp_path / "hf-cache" / "snapshot"
-
-    def fake_snapshot_download(*, repo_id, repo_type, allow_patterns, cache_dir=None, **kwargs):
-        calls.append({"repo_id": repo_id, "repo_type": repo_type, "patterns": list(allow_patterns)})
-        for path in hub.rglob("*"):
-            rel = path.relative_to(hub).as_posix()
-            if path.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, target / rel)
-        return str(target)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    calls = fake_snapshot_download(monkeypatch, hub, target)
     n = 2
     out = str(tmp_path / "run")
     import_klom_models("", ["2"], n, out, chunk_size=CHUNK, dataset=dataset, oracle_floor=True)
