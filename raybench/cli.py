@@ -367,6 +367,52 @@ def score_command(folder: str, against: str, forget_set: str, out: str, method: 
     click.echo(f"\nscored against run {rows[0]['run']} (forget set {forget_set}); rows in {out}")
 
 
+@main.command("convergence")
+@click.argument("out")
+@click.option("--n", "sizes", metavar="N1,N2,…",
+              help="Ensemble sizes to draw (default 10, 25, 50, 100, 250, … below the run's N); the run's N, where "
+                   "the one draw is every model, is always added.")
+@click.option("--draws", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Draws of models per size below the run's N.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the draws.")
+def convergence_command(out: str, sizes: str | None, draws: int, seed: int) -> None:
+    """P95 KLOM per split at growing N, subsampling the models of every ensemble of a run folder's summary and
+    its oracles: writes convergence.csv, convergence.json (every draw) and plots/convergence.png."""
+    import time
+
+    from raybench.convergence import ConvergenceError, convergence, write_convergence
+    from raybench.store import RunStore, StoreError
+
+    grid = None
+    if sizes is not None:
+        try:
+            grid = [int(v) for v in sizes.split(",")]
+        except ValueError:
+            raise click.UsageError(f"--n must be comma-separated integers like 10,25,50, got {sizes!r}") from None
+    t0 = time.perf_counter()
+    try:
+        store = RunStore(out)
+        store.require_folder()
+        result = convergence(store, grid=grid, draws=draws, seed=seed)
+        paths = write_convergence(store, result)
+    except (StoreError, ConvergenceError) as err:
+        raise click.UsageError(str(err)) from err
+    by_key: dict[tuple, dict[int, float]] = {}
+    for r in result.rows:
+        key = (r["forget_set"], r["method"], r["params"], r["epoch"], r["split"])
+        by_key.setdefault(key, {})[r["n_models"]] = r["klom_p95"]
+    ns = result.record["grid"]
+    click.echo(f"{'forget':>6} {'method':<16} {'params':<24} {'ep':>3} {'split':<6} "
+               + " ".join(f"{'N=' + str(n):>8}" for n in ns))
+    for (fs, method, params, epoch, split), values in by_key.items():
+        short = ",".join(f"{k}={v}" for k, v in json.loads(params).items()) or "-"
+        short = short if len(short) <= 24 else short[:23] + "…"
+        click.echo(f"{fs:>6} {method:<16} {short:<24} {epoch:>3} {split:<6} "
+                   + " ".join(f"{values[n]:>8.3f}" for n in ns))
+    click.echo(f"\nP95 KLOM, mean over {draws} draws below N = {ns[-1]} (seed {seed}); "
+               f"{time.perf_counter() - t0:.1f} s; written: {', '.join(paths)}")
+
+
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list: name, version, description, defaults, default_epochs and each parameter's "

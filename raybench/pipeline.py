@@ -9,6 +9,7 @@ scores the folder through whatever task mapper it is given (Ray tasks on a multi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -182,12 +183,18 @@ def _record_forget_sets(store: RunStore, forget_sets: dict[str, ForgetSet]) -> N
 def summarize(store: RunStore, *, direction: str | None = None) -> tuple[dict, str]:
     """The folder's summary, as ``raybench reduce`` gives it: every complete ensemble (ensembles of earlier runs
     into the same folder stay in it; a summary never loses one it had, see ``write_summary``), written as
-    summary.csv / summary.json, then report.html and its plots. Returns summary.json's content and the page."""
+    summary.csv / summary.json, then every row's per-sample values (``per_sample/``, docs/design.md#per-sample-values;
+    the report may read them), then report.html and its plots. Returns summary.json's content and the page."""
     skipped: list[str] = []
     mapper = map_tasks if cluster_for_reduce() else None  # Ray tasks only on a cluster of several nodes
     kwargs = {} if direction is None else {"direction": direction}
-    rows = reduce_run(store, skipped=skipped, mapper=mapper, **kwargs)
+    samples: list[tuple[dict, dict]] = []  # every row's per-sample values, written once the summary is
+    rows = reduce_run(store, skipped=skipped, mapper=mapper, on_samples=lambda r, c: samples.append((r, c)),
+                      **kwargs)
     summary = write_summary(store, rows, skipped=skipped)
+    csv_digest = hashlib.sha256(store.read_bytes(store.path("summary.csv"))).hexdigest()
+    store.write_per_sample(samples, metadata={"run": summary["run"], "klom_version": summary["klom_version"],
+                                              "summary_csv_sha256": csv_digest})
     return summary, write_report(store, summary)
 
 

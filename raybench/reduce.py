@@ -149,9 +149,16 @@ class ChunkJob:
 TaskMapper = Callable[[Callable, list], Iterator]
 """Runs ``fn(*item)`` for every item and yields the results in item order (``raybench.engine.map_tasks``)."""
 
-ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """Per sample of one chunk: KLOM, degenerate flag, top-1 accuracy of the ensemble, of the oracles (NaN where
-some model's top-1 margins are not stored)."""
+some model's top-1 margins are not stored), then the values of the ensemble and of the oracles dropped on the top
+edge (``KlomResult``), which only the per-sample output stores."""
+
+SampleSink = Callable[[dict, dict[str, np.ndarray]], None]
+"""Called by ``reduce_run`` once per summary row, in row order, with the row and its split view's per-sample
+columns (``PER_SAMPLE_FIELDS``, in the view's sample order): what ``RunStore.write_per_sample`` stores."""
+PER_SAMPLE_FIELDS = ("sample_id", "klom", "degenerate", "accuracy", "oracle_accuracy", "dropped_unlearned",
+                     "dropped_oracle")
 
 
 def _matrices(store: RunStore, files: tuple[str, ...], job: ChunkJob, epoch: int | None, n_models: int,
@@ -183,7 +190,8 @@ def score_chunk(store: RunStore, job: ChunkJob) -> list[ChunkScores]:
         correct = _top1_accuracy(top1, job.width)
         del top1
         result = klom_details(unlearned, oracle, direction=job.direction)
-        out.append((result.values, result.degenerate, correct, oracle_correct))
+        out.append((result.values, result.degenerate, correct, oracle_correct,
+                    result.dropped_unlearned.astype(np.int32), result.dropped_oracle.astype(np.int32)))
         del unlearned
     return out
 
@@ -225,7 +233,8 @@ def _run_shape(store: RunStore) -> tuple[dict, int, int, int, dict[str, int]]:
 
 def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                methods: list[tuple[str, str]] | None = None, mapper: TaskMapper | None = None,
-               skipped: list[str] | None = None, direction: str = DIRECTIONS[0]) -> list[dict]:
+               skipped: list[str] | None = None, direction: str = DIRECTIONS[0],
+               on_samples: SampleSink | None = None) -> list[dict]:
     """Summary rows for every complete (forget set, method, params) group, or only the ones asked for.
 
     ``methods`` is a list of (method, params JSON); ``do_nothing`` is scored from the originals.
@@ -238,6 +247,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     (``StoreError`` otherwise): a damaged folder gives no numbers rather than wrong ones.
     ``direction`` = ``"oracle-unlearned"`` scores KL(oracle ‖ unlearned), DUB ``run.py``'s number, and marks every
     row's ``klom_version`` with it (``klom_version_of``); the default is the published KL(unlearned ‖ oracle).
+    ``on_samples`` (if given) receives every row's per-sample values (``SampleSink``), for the per-sample file.
     """
     if direction not in DIRECTIONS:
         raise StoreError(f"unknown KL direction {direction!r}; known: {', '.join(DIRECTIONS)}")
@@ -296,7 +306,8 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     for sc in scorings:
         per_sample = {}
         for split, n in n_split.items():
-            arrays = [(np.empty(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)) for _ in sc.epochs]
+            arrays = [(np.empty(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int32),
+                       np.zeros(n, dtype=np.int32)) for _ in sc.epochs]
             for chunk in range((n + chunk_size - 1) // chunk_size):
                 cols = slice(chunk * chunk_size, min(n, (chunk + 1) * chunk_size))
                 for target, scores in zip(arrays, next(results), strict=True):
@@ -304,9 +315,24 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                         full[cols] = part
             per_sample[split] = arrays
         for k, epoch in enumerate(sc.epochs):
-            rows.extend(_rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"],
-                              klom_version_of(direction)))
+            built = _rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"],
+                          klom_version_of(direction))
+            rows.extend(built)
+            if on_samples is not None:
+                _emit_samples(on_samples, built, split_views(sc.forget_idx, n_split),
+                              {split: a[k] for split, a in per_sample.items()})
     return rows
+
+
+def _emit_samples(sink: SampleSink, rows: list[dict], views: dict[str, tuple[str, np.ndarray]],
+                  scores: dict[str, ChunkScores]) -> None:
+    """Each row's per-sample columns, taken from its stored split at its view's sample ids (as ``_rows`` takes
+    them), so that the per-sample file holds exactly the values each summary row was computed from."""
+    for row in rows:
+        source, idx = views[row["split"]]
+        values, degenerate, correct, oracle_correct, dropped_u, dropped_o = (a[idx] for a in scores[source])
+        sink(row, dict(zip(PER_SAMPLE_FIELDS, (idx.astype(np.int64), values, degenerate, correct, oracle_correct,
+                                               dropped_u, dropped_o), strict=True)))
 
 
 def klom_version_of(direction: str) -> str:
@@ -322,7 +348,7 @@ def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[
     grad_samples, compute_s = (0, 0.0) if sc.group.method == "do_nothing" else sc.group.work(epoch)
     rows = []
     for split, (source, idx) in split_views(sc.forget_idx, n_split).items():
-        values, degenerate, correct, oracle_correct = (a[idx] for a in per_sample[source])
+        values, degenerate, correct, oracle_correct = (a[idx] for a in per_sample[source][:4])
         rows.append(summary_row(
             forget_set=sc.forget_set, method=sc.group.method, params=sc.group.params, epoch=epoch, split=split,
             n_models=sc.group.n_models, n_oracles=sc.oracle.n_models, values=values, degenerate=degenerate,

@@ -8,6 +8,7 @@ Layout (``<out>`` is a local path, ``file://…``, ``s3://…`` or ``gs://…``)
     <out>/checkpoints/<unit id>.pt, .pt.json         original models, read by unlearning units; size and sha256
     <out>/staging/                                   Ray Data writes here; files are moved into margins/
     <out>/summary.csv, summary.json
+    <out>/per_sample/forget_set=<fs>/part-0.parquet  every summary row's per-sample values (``write_per_sample``)
     <out>/run.lock                                   held by the run writing into the folder (``RunStore.lock``)
 
 Why manifests: Ray Data's append mode duplicates rows on a rerun and its overwrite mode is not atomic. A unit's
@@ -91,6 +92,28 @@ FLOOR_METHOD = "oracle_floor"
 """The method name of the noise-floor ensemble (oracles scored against oracles), whichever source made it."""
 PARQUET_WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": False, "write_page_checksum": True}
 """How every margins file is written (Ray Data forwards these to pyarrow): page CRCs, which reads verify."""
+PER_SAMPLE_SCHEMA = pa.schema(
+    [
+        ("forget_set", pa.string()),
+        ("method", pa.string()),
+        ("params", pa.string()),
+        ("epoch", pa.int32()),  # the summary row's epoch (0 for do_nothing); null where the row's is empty
+        ("split", pa.string()),  # the scored view: retain, forget or val
+        ("sample_id", pa.int64()),  # train index for retain / forget, val index for val
+        ("klom", pa.float64()),
+        ("degenerate", pa.bool_()),
+        ("accuracy", pa.float64()),  # share of the ensemble's models top-1 right; null where not known
+        ("oracle_accuracy", pa.float64()),
+        ("dropped_unlearned", pa.int32()),  # values on the top edge, not binned (docs/metrics.md#degenerate-samples)
+        ("dropped_oracle", pa.int32()),
+    ]
+)
+"""One row per (forget set, method, params, epoch, split, sample): the values each summary row was computed from,
+for joining with a user's own per-sample data (docs/design.md#per-sample-values)."""
+PER_SAMPLE_KEYS = ("forget_set", "method", "params", "epoch", "split")
+PER_SAMPLE_FILE = "part-0.parquet"
+PER_SAMPLE_WRITE_OPTIONS = {"compression": "zstd", "write_page_checksum": True}
+"""Dictionary encoding stays on here (unlike the margins): the key columns repeat one value per summary row."""
 LOCK_FILE = "run.lock"
 DYING_HOLDER_WAIT_S = 30.0
 """How long a run waits for the lock of a killed run on this host to be released (its process still exiting)."""
@@ -781,6 +804,65 @@ class RunStore:
                              f"was written{remedy}")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
+    # -- per-sample values --------------------------------------------------------------------------------------
+    def per_sample_path(self, forget_set: str) -> str:
+        return self.path("per_sample", f"forget_set={forget_set}", PER_SAMPLE_FILE)
+
+    def write_per_sample(self, entries: Iterable[tuple[dict, dict[str, np.ndarray]]], *,
+                         metadata: dict[str, str] | None = None) -> list[str]:
+        """``per_sample/forget_set=<fs>/part-0.parquet`` for every forget set of ``entries`` (summary row, its
+        per-sample columns named as in ``PER_SAMPLE_SCHEMA``), rows in entry order; returns the paths written.
+
+        Each file is written under a hidden temporary name and moved into place, so a reader sees a forget set's
+        old file or its new one, never part of one; folders of forget sets no longer among the entries are
+        removed, so the folder holds exactly the summary's rows. ``metadata`` (e.g. run id, KLOM version, the
+        digest of the summary.csv written with them) goes into each file's schema under ``raybench``.
+        """
+        blocks: dict[str, list[pa.Table]] = {}
+        for row, columns in entries:
+            blocks.setdefault(str(row["forget_set"]), []).append(_per_sample_block(row, columns))
+        schema = PER_SAMPLE_SCHEMA.with_metadata({"raybench": json.dumps(metadata or {}, sort_keys=True)})
+        written = []
+        for fs, tables in blocks.items():
+            path = self.per_sample_path(fs)
+            folder = posixpath.dirname(path)
+            self.fs.create_dir(folder, recursive=True)
+            tmp = posixpath.join(folder, f".{PER_SAMPLE_FILE}.tmp-{uuid.uuid4().hex}")  # readers skip dot files
+            pq.write_table(pa.concat_tables(tables).cast(schema), tmp, filesystem=self.fs, **PER_SAMPLE_WRITE_OPTIONS)
+            self.fs.move(tmp, path)
+            written.append(path)
+        selector = pafs.FileSelector(self.path("per_sample"), recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            rel = posixpath.relpath(info.path, self.path("per_sample"))
+            stale = rel.startswith("forget_set=") and rel.removeprefix("forget_set=") not in blocks
+            if info.type == pafs.FileType.Directory and "/" not in rel and stale:
+                self.fs.delete_dir(info.path)  # a forget set the summary no longer has
+            elif info.type == pafs.FileType.File and ".tmp-" in info.base_name and self.exists(info.path):
+                self.fs.delete_file(info.path)  # an earlier write cut short
+        return written
+
+    def read_per_sample(self, forget_set: str | None = None) -> pa.Table:
+        """The per-sample rows of one forget set, or of every forget set in the folder (in forget-set order);
+        ``StoreError`` naming the file if one is missing or damaged."""
+        if forget_set is None:
+            selector = pafs.FileSelector(self.path("per_sample"), allow_not_found=True)
+            sets = sorted(info.base_name.removeprefix("forget_set=") for info in self.fs.get_file_info(selector)
+                          if info.type == pafs.FileType.Directory and info.base_name.startswith("forget_set="))
+        else:
+            sets = [forget_set]
+        tables = []
+        for fs in sets:
+            path = self.per_sample_path(fs)
+            if not self.exists(path):
+                raise StoreError(f"{path} is missing: run `raybench reduce {self.uri}` to write it")
+            try:
+                tables.append(pq.read_table(path, filesystem=self.fs, partitioning=None,
+                                            page_checksum_verification=True))
+            except (pa.ArrowInvalid, OSError) as err:
+                raise StoreError(f"{path} cannot be read ({err}); rewrite it with `raybench reduce "
+                                 f"{self.uri}`") from err
+        return pa.concat_tables(tables) if tables else PER_SAMPLE_SCHEMA.empty_table()
+
     # -- reading margins ----------------------------------------------------------------------------------------
     def read_margins(self, units: Iterable[UnitOutput], *, split: str, chunk: int | None = None,
                      epoch: int | None = None) -> pa.Table:
@@ -878,6 +960,26 @@ def _dying(raw: bytes) -> bool:
         return owner["host"] == socket.gethostname() and not _pid_alive(owner["pid"])
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def _per_sample_block(row: dict, columns: dict[str, np.ndarray]) -> pa.Table:
+    """One summary row's per-sample rows: its key repeated, its columns as given (NaN accuracy: null)."""
+    fields = [f.name for f in PER_SAMPLE_SCHEMA if f.name not in PER_SAMPLE_KEYS]
+    if set(columns) != set(fields):
+        raise StoreError(f"per-sample columns {sorted(columns)} are not {sorted(fields)}")
+    n = len(columns["sample_id"])
+    if any(len(v) != n for v in columns.values()):
+        raise StoreError(f"per-sample columns of {row['method']} {row['split']} have different lengths")
+    arrays = {}
+    for name in PER_SAMPLE_KEYS:
+        kind = PER_SAMPLE_SCHEMA.field(name).type
+        arrays[name] = pa.repeat(pa.scalar(row[name], kind), n)
+    for name in fields:
+        kind = PER_SAMPLE_SCHEMA.field(name).type
+        values = np.asarray(columns[name])
+        mask = np.isnan(values) if pa.types.is_floating(kind) and name != "klom" else None
+        arrays[name] = pa.array(values, type=kind, mask=mask)
+    return pa.table(arrays, schema=PER_SAMPLE_SCHEMA)
 
 
 def margins_matrix(table: pa.Table, column: str = "margins") -> np.ndarray:

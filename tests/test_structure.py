@@ -17,7 +17,7 @@ LAYERS = [
     {"config"},
     {"plan"},
     {"sources", "units", "reduce", "report"},
-    {"engine", "score"},
+    {"engine", "score", "convergence"},
     {"pipeline"},
     {"cli", "__init__"},
     {"__main__"},
