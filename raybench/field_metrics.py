@@ -12,7 +12,8 @@ the store (``RunStore.read_margin_files``, the reduce's own reader and checks) a
   SVC-MIA fits on (models × n each, n = min(retain, val, 10,000)).
 
 Memory is therefore one chunk of each ensemble plus those views of one epoch of one ensemble, whatever the
-number of samples (bounded by F and by the SVC shadow cap, not by the train split). Every value is the tested
+number of samples (bounded by F and by the SVC shadow cap, not by the train split), plus libsvm's kernel cache
+(up to 200 MB per concurrent fit, ``SVC_MAX_THREADS``). Every value is the tested
 function of ``raybench.metrics`` applied to exactly the matrices it names, so a restatement that reads the Parquet
 whole gives the same numbers (tests/test_field_metrics.py).
 
@@ -63,11 +64,17 @@ ULIRA_STD_FLOOR = 1e-3
 IAM_SEED = 0
 IAM_K = 100
 TOW_LEVEL = 0.95
-SVC_MAX_MODELS = 20
-"""SVC-MIA is fitted on the first ``min(N, 20)`` models by id of each ensemble, not all N: one libsvm fit costs
-about 9 ms on the default run's 2 × 360 points (6 s at CIFAR-10's 2 × 10,000), so all 100 models of its 51 scored
-(ensemble, epoch)s would add 46 s of CPU to a reduce that otherwise takes about 15; the published protocol fits
-one model. Ids are exchangeable (every model has its own seed), so the first ones are an unbiased subset."""
+SVC_MAX_MODELS = 10
+"""SVC-MIA is fitted on the first ``min(N, 10)`` models by id of each ensemble, not all N. One libsvm fit takes
+9-15 ms of CPU on the default run's 2 × 360 points (about 6 s at CIFAR-10's 2 × 10,000): all 100 models of the
+default run's 51 scored (ensemble, epoch)s would add 45-75 s of CPU to a reduce that takes 9 s of CPU without the
+field's metrics; 10 add 5-8 s. The published protocol fits the one model it evaluates (SalUn). Ids are
+exchangeable (every model has its own seed), so the first ones are an unbiased subset; the mean's standard error
+is the per-model sd over √10."""
+
+SVC_MAX_THREADS = 8
+"""Concurrent SVC fits in one process: each holds libsvm's kernel cache (scikit-learn's default 200 MB, as SalUn),
+so memory grows by up to 200 MB per thread once n is large (1.6 GB at 8)."""
 
 TaskMapper = Callable[[Callable, list], Iterator]
 
@@ -126,7 +133,7 @@ def fill_field_metrics(store: RunStore, rows: list[dict], scorings: Sequence[_Sc
     if mapper is not None and jobs:
         results = mapper(field_metrics_at, [(store.uri, job) for job in jobs])
     else:
-        results = (field_metrics(store, job, threads=_cores()) for job in jobs)
+        results = (field_metrics(store, job, threads=min(_cores(), SVC_MAX_THREADS)) for job in jobs)
     by_key = {(r["forget_set"], r["method"], r["params"], r["epoch"], r["split"]): r for r in rows}
     for sc, per_epoch in zip(scorings, results, strict=True):
         for epoch, values in zip(sc.epochs, per_epoch, strict=True):

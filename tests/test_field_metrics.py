@@ -78,7 +78,7 @@ def _views(by_split: dict[str, np.ndarray], forget: list[int]) -> dict[str, np.n
     return {"retain": by_split["train"][:, retain], "forget": by_split["train"][:, forget], "val": by_split["val"]}
 
 
-def _expected(folder, stored, forget_set: str, unlearned: dict, *, svc_models: int = 20) -> dict[str, dict]:
+def _expected(folder, stored, forget_set: str, unlearned: dict, *, svc_models: int = 10) -> dict[str, dict]:
     """Per view, the field metrics of the ensemble ``unlearned`` (a ``where`` filter) of ``forget_set``."""
     forget = json.loads((folder / "forget_sets" / f"{forget_set}.json").read_text())["indices"]
     u_ids, u, u_top1 = _ensemble(stored, **unlearned)
