@@ -13,9 +13,9 @@ the store (``RunStore.read_margin_files``, the reduce's own reader and checks) a
 
 Memory is therefore one chunk of each ensemble plus those views of one epoch of one ensemble, whatever the
 number of samples (bounded by F and by the SVC shadow cap, not by the train split), plus libsvm's kernel cache
-(up to 200 MB per concurrent fit, ``SVC_MAX_THREADS``). Every value is the tested
-function of ``raybench.metrics`` applied to exactly the matrices it names, so a restatement that reads the Parquet
-whole gives the same numbers (tests/test_field_metrics.py).
+(up to 200 MB per concurrent fit, ``SVC_MAX_THREADS``). Every value is the tested function of
+``raybench.metrics`` applied to exactly the matrices it names, so a restatement that reads the Parquet whole
+gives the same numbers (tests/test_field_metrics.py).
 
 Which row holds what: ``mia_auc`` is per sample, so each split's row has its own (mean over that split's samples).
 The other five are one number per (ensemble, epoch) — ToW and the challenge score combine all three splits, ε,
@@ -110,7 +110,7 @@ def fill_field_metrics(store: RunStore, rows: list[dict], scorings: Sequence[_Sc
     """
     verified = {u.unit_id for sc in scorings for u in sc.group.units + sc.oracle.units}
     original_ids = _ids(original)
-    originals_read: dict[str, np.ndarray | None] = {}
+    originals_read: dict[str, np.ndarray] = {}  # forget set -> the originals' forget view, read once
     jobs = []
     for sc in scorings:
         ids = _ids(sc.group)
