@@ -8,7 +8,8 @@ jobs, one per (ensemble, split, sample chunk); each reads only its chunk of its 
 memory holds one chunk of every model, not the run. The jobs run in this process, or as plain Ray tasks on a
 cluster of several nodes (docs/design.md#reduce-tasks: not Ray Data groupby, which shuffles everything). The retain
 and forget splits are the columns of the stored ``train`` split outside / inside the forget set; the forget
-split keeps the forget set's own order.
+split keeps the forget set's own order. The field's other metrics (ToW, ε, U-LiRA, SVC-MIA, IAM) need whole
+ensembles per split, so ``raybench.field_metrics`` fills them into the rows in a second pass, one job per ensemble.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raybench.field_metrics import FIELD_COLUMNS, fill_field_metrics, metrics_record
 from raybench.metrics import DIRECTIONS, KLOM_VERSION, klom_details, summarize
 from raybench.store import FLOOR_METHOD, RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
 from raybench.versions import summary_versions
@@ -34,11 +36,13 @@ SUMMARY_COLUMNS = [
     "forget_set", "method", "params", "epoch", "split", "n_models", "n_oracles", "n_samples",
     "klom_mean", "klom_p5", "klom_p25", "klom_p50", "klom_p75", "klom_p95", "klom_p99", "klom_degenerate",
     "accuracy", "oracle_accuracy", "grad_samples", "klom_version", "run",
+    *FIELD_COLUMNS,
 ]
 """``grad_samples``: samples per model that the method passed forward with gradients up to that epoch
 (``raybench.models.grad_samples``): its work, deterministic, comparable with ``retrain`` (epochs × retain size).
 Wall-clock ``compute_s`` (summed over the ensemble's units) is in summary.json only: summary.csv stays bit-identical
-however the run was scheduled, interrupted or retried."""
+however the run was scheduled, interrupted or retried. ``FIELD_COLUMNS``: the field's other metrics
+(``raybench.field_metrics``), empty in summaries written before them."""
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
             if on_samples is not None:
                 _emit_samples(on_samples, built, split_views(sc.forget_idx, n_split),
                               {split: a[k] for split, a in per_sample.items()})
+    fill_field_metrics(store, rows, scorings, original, n_split=n_split, chunk_size=chunk_size, mapper=mapper)
     return rows
 
 
@@ -488,7 +493,8 @@ def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | Non
     if len(klom_versions) != 1:
         raise StoreError(f"rows of several KLOM definitions ({', '.join(klom_versions)}) cannot share one summary")
     summary = {"run": info["run"], "identity": info["identity"], "klom_version": klom_versions[0],
-               "versions": summary_versions(u.meta for u in store.completed_units().values()), "rows": rows}
+               "versions": summary_versions(u.meta for u in store.completed_units().values()),
+               "metrics": metrics_record(rows), "rows": rows}
     for direction in DIRECTIONS[1:]:
         if klom_versions[0] == klom_version_of(direction):
             summary["kl_direction"] = direction
@@ -504,7 +510,8 @@ def read_summary(store: RunStore) -> dict:
         raise StoreError(f"{store.uri} has no summary.json: run `raybench reduce {store.uri}` first")
     summary = store.read_record(path, "summary", {"run": str, "klom_version": str, "rows": list})
     for k, row in enumerate(summary["rows"]):
-        missing = [c for c in SUMMARY_COLUMNS if c not in row] if isinstance(row, dict) else SUMMARY_COLUMNS
+        required = [c for c in SUMMARY_COLUMNS if c not in FIELD_COLUMNS]  # absent from older summaries
+        missing = [c for c in required if c not in row] if isinstance(row, dict) else required
         if missing:
             raise StoreError(f"{path} is not a valid summary: row {k} has no {missing[0]!r}; rerun "
                              f"`raybench reduce {store.uri}`")

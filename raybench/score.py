@@ -4,7 +4,9 @@ A method run in another code base gives its models' margins per split (``raybenc
 conventions); ``score`` compares them with the oracles of one forget set of a trained or imported run folder and
 returns the summary rows a run would have for them (``raybench.reduce.SUMMARY_COLUMNS``), computed by the same
 code: reduce's oracle reading and checks, the KLOM kernel and reduce's row builder. KLOM is per sample, so the
-rows equal, bit for bit, what ``raybench reduce`` gives once the same margins are stored in the run.
+rows equal, bit for bit, what ``raybench reduce`` gives once the same margins are stored in the run. The field's
+other metrics (``raybench.field_metrics.FIELD_COLUMNS``) are left blank here: they pair models by id with the run's
+oracles and originals, which margins computed elsewhere do not carry.
 
 The top level imports nothing heavy: ``raybench/__init__.py`` imports ``score`` from here, so that
 ``import raybench`` stays cheap and ``raybench.score`` is always this function (importing a submodule named like
@@ -121,5 +123,5 @@ def _rows(oracles: OracleViews, margins: dict[str, np.ndarray], top1: dict[str, 
                           n_models=n_models, n_oracles=oracles.n_oracles, values=result.values,
                           degenerate=result.degenerate, correct=correct, oracle_correct=oracles.correct[view],
                           grad_samples=None, run_id=oracles.run_id, compute_s=None)
-        rows.append({k: row[k] for k in SUMMARY_COLUMNS})
+        rows.append({k: row.get(k) for k in SUMMARY_COLUMNS})  # the field's metrics: blank (see the docstring)
     return rows

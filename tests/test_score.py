@@ -25,6 +25,7 @@ from click.testing import CliRunner
 import raybench
 from raybench.cli import main
 from raybench.config import build_config
+from raybench.field_metrics import FIELD_COLUMNS
 from raybench.pipeline import execute
 from raybench.reduce import SUMMARY_COLUMNS, reduce_run, write_summary
 from raybench.sources.base import SourceError
@@ -106,10 +107,12 @@ def test_cli_score_of_exported_margins_gives_the_runs_own_rows_bit_for_bit(run, 
     assert text.splitlines()[0] == (run / "summary.csv").read_text().splitlines()[0] == ",".join(SUMMARY_COLUMNS)
     got = list(csv.DictReader(io.StringIO(text)))
     assert [r["split"] for r in got] == ["retain", "forget", "val"]
+    unknown = ("grad_samples", *FIELD_COLUMNS)  # the work and the id-paired field metrics: blank here
     for mine, theirs in zip(got, expected, strict=True):
         assert mine["grad_samples"] == "" and theirs["grad_samples"] == str(N_TRAIN - N_FORGET)  # work: unknown here
-        assert {k: v for k, v in mine.items() if k != "grad_samples"} == \
-               {k: v for k, v in theirs.items() if k != "grad_samples"}  # every other column, as text: bit for bit
+        assert all(mine[c] == "" for c in FIELD_COLUMNS) and theirs["mia_auc"]
+        assert {k: v for k, v in mine.items() if k not in unknown} == \
+               {k: v for k, v in theirs.items() if k not in unknown}  # every other column, as text: bit for bit
         assert mine["accuracy"] and mine["oracle_accuracy"]
 
     # the default labels
@@ -131,7 +134,8 @@ def test_python_score_gives_the_runs_rows_for_a_method_and_for_the_originals(run
         assert [list(r) for r in rows] == [SUMMARY_COLUMNS] * 3
         for mine, theirs in zip(rows, expected, strict=True):
             assert mine["grad_samples"] is None
-            assert mine == {**{k: theirs[k] for k in SUMMARY_COLUMNS}, "grad_samples": None}, method
+            assert mine == {**{k: theirs[k] for k in SUMMARY_COLUMNS}, "grad_samples": None,
+                            **dict.fromkeys(FIELD_COLUMNS)}, method
         # float64 margins are the same float32 values: scored as the stored float32 ones
         wide = raybench.score({k: v.astype(np.float64) for k, v in margins.items()}, run, FS, method=method,
                               params=params, epoch=epoch, top1={k: v.astype(np.float64) for k, v in top1.items()})

@@ -270,7 +270,8 @@ def test_reduce_goes_to_ray_tasks_on_a_multi_node_cluster(ray_session, local_run
     summary, _ = pipeline.summarize(local_run)
     assert [{k: v for k, v in r.items() if k != "compute_s"} for r in summary["rows"]] == in_process
     chunks = -(-N_TRAIN // CHUNK) + -(-N_VAL // CHUNK)
-    assert calls == [len(FORGET) * 2 * chunks]  # one task per (ensemble, split, chunk): do_nothing and m
+    # one task per (ensemble, split, chunk): do_nothing and m; then one per ensemble for the field's metrics
+    assert calls == [len(FORGET) * 2 * chunks, len(FORGET) * 2]
 
 
 def test_a_run_writes_to_a_file_uri(ray_session, tmp_path):

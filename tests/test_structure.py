@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raybench"
 LAYERS = [
     {"ids", "spec", "versions"},  # primitives: digests, parameter specs, package versions
     {"metrics", "models", "data", "store"},  # the bottom proper
-    {"training"},
+    {"training", "field_metrics"},  # above the bottom, below reduce (whose rows field_metrics fills)
     {"methods"},
     {"config"},
     {"plan"},
