@@ -8,17 +8,21 @@ jobs, one per (ensemble, split, sample chunk); each reads only its chunk of its 
 memory holds one chunk of every model, not the run. The jobs run in this process, or as plain Ray tasks on a
 cluster of several nodes (docs/design.md#reduce-tasks: not Ray Data groupby, which shuffles everything). The retain
 and forget splits are the columns of the stored ``train`` split outside / inside the forget set; the forget
-split keeps the forget set's own order. The field's other metrics (ToW, ε, U-LiRA, SVC-MIA, IAM) need whole
-ensembles per split, so ``raybench.field_metrics`` fills them into the rows in a second pass, one job per ensemble.
+split keeps the forget set's own order. Each row also gets the 95 % interval of its P95 and mean KLOM over the
+models of both ensembles (half-samples drawn per ensemble identity, docs/metrics.md#uncertainty). The field's other
+metrics (ToW, ε, U-LiRA, SVC-MIA, IAM) need whole ensembles per split, so ``raybench.field_metrics`` fills them
+into the rows in a second pass, one job per ensemble.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
+import struct
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +31,18 @@ import numpy as np
 
 from raybench.field_metrics import FIELD_COLUMNS, fill_field_metrics, metrics_record
 from raybench.metrics import DIRECTIONS, KLOM_VERSION, klom_details, summarize
+from raybench.metrics.bootstrap import (
+    DEFAULT_LEVEL,
+    DEFAULT_N_BOOT,
+    DEFAULT_SEED,
+    DEFAULT_STATS,
+    METHOD,
+    MIN_MODELS,
+    BootstrapDraws,
+    bootstrap_interval,
+    ensemble_rows,
+    klom_replicates,
+)
 from raybench.store import FLOOR_METHOD, RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
 from raybench.versions import summary_versions
 
@@ -36,13 +52,19 @@ SUMMARY_COLUMNS = [
     "forget_set", "method", "params", "epoch", "split", "n_models", "n_oracles", "n_samples",
     "klom_mean", "klom_p5", "klom_p25", "klom_p50", "klom_p75", "klom_p95", "klom_p99", "klom_degenerate",
     "accuracy", "oracle_accuracy", "grad_samples", "klom_version", "run",
+    "klom_p95_ci_low", "klom_p95_ci_high", "klom_mean_ci_low", "klom_mean_ci_high",
     *FIELD_COLUMNS,
 ]
 """``grad_samples``: samples per model that the method passed forward with gradients up to that epoch
 (``raybench.models.grad_samples``): its work, deterministic, comparable with ``retrain`` (epochs × retain size).
 Wall-clock ``compute_s`` (summed over the ensemble's units) is in summary.json only: summary.csv stays bit-identical
-however the run was scheduled, interrupted or retried. ``FIELD_COLUMNS``: the field's other metrics
-(``raybench.field_metrics``), empty in summaries written before them."""
+however the run was scheduled, interrupted or retried. ``klom_*_ci_*``: the 95 % interval of P95 and mean KLOM over
+the models of both ensembles (``raybench.metrics.bootstrap``, docs/metrics.md#uncertainty), empty where not
+computed. ``FIELD_COLUMNS``: the field's other metrics (``raybench.field_metrics``). Both are empty in summaries
+written before them."""
+BASE_COLUMNS = SUMMARY_COLUMNS[: SUMMARY_COLUMNS.index("run") + 1]
+"""The columns every summary this format has written holds; later columns are absent from older summaries."""
+INTERVAL_COLUMNS = [f"klom_{stat}_ci_{end}" for stat in DEFAULT_STATS for end in ("low", "high")]
 
 
 @dataclass(frozen=True)
@@ -135,7 +157,8 @@ class ChunkJob:
     Plain data (file lists, no store object), so it can be shipped to a Ray task that opens the run folder by
     its URI. It holds at most two (models × chunk width) margin matrices at a time, and a top-1 matrix of one of
     them while it is reduced to per-sample accuracy: memory is bounded by the chunk size, whatever the number of
-    samples.
+    samples. With an interval (``n_boot`` > 0) its result adds ``n_boot × width`` float64 per epoch (13 MB for
+    200 × 8,192), the replicates' per-sample KLOM, drawn from ``boot_key`` so every chunk uses the same models.
     """
 
     files: tuple[str, ...]  # the ensemble's Parquet files, relative to the run folder
@@ -148,15 +171,19 @@ class ChunkJob:
     n_oracles: int
     label: str  # for error messages
     direction: str = DIRECTIONS[0]  # KL(unlearned ‖ oracle), or "oracle-unlearned" (docs/metrics.md#variants)
+    n_boot: int = 0  # replicates of the summaries' interval; 0: none (docs/metrics.md#uncertainty)
+    boot_key: tuple[str, str, str] = ("", "", "")  # (forget set, method, params): seeds the draws, see interval_draws
+    boot_seed: int = DEFAULT_SEED
 
 
 TaskMapper = Callable[[Callable, list], Iterator]
 """Runs ``fn(*item)`` for every item and yields the results in item order (``raybench.engine.map_tasks``)."""
 
-ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
 """Per sample of one chunk: KLOM, degenerate flag, top-1 accuracy of the ensemble, of the oracles (NaN where
-some model's top-1 margins are not stored), then the values of the ensemble and of the oracles dropped on the top
-edge (``KlomResult``), which only the per-sample output stores."""
+some model's top-1 margins are not stored), the values of the ensemble and of the oracles dropped on the top
+edge (``KlomResult``, which only the per-sample output stores), and the (B, chunk) per-sample KLOM of the
+interval's replicates (None when no interval is computed)."""
 
 SampleSink = Callable[[dict, dict[str, np.ndarray]], None]
 """Called by ``reduce_run`` once per summary row, in row order, with the row and its split view's per-sample
@@ -188,16 +215,50 @@ def score_chunk(store: RunStore, job: ChunkJob) -> list[ChunkScores]:
     oracle, oracle_top1 = _matrices(store, job.oracle_files, job, None, job.n_oracles, "oracles")
     oracle_correct = _top1_accuracy(oracle_top1, job.width)
     del oracle_top1
+    draws = interval_draws(job.n_models, job.n_oracles, *job.boot_key, n_boot=job.n_boot, seed=job.boot_seed)
     out = []
     for epoch in job.epochs:
         unlearned, top1 = _matrices(store, job.files, job, epoch, job.n_models, "models")
         correct = _top1_accuracy(top1, job.width)
         del top1
         result = klom_details(unlearned, oracle, direction=job.direction)
+        replicates = None if draws is None else klom_replicates(unlearned, oracle, draws, direction=job.direction)
         out.append((result.values, result.degenerate, correct, oracle_correct,
-                    result.dropped_unlearned.astype(np.int32), result.dropped_oracle.astype(np.int32)))
+                    result.dropped_unlearned.astype(np.int32), result.dropped_oracle.astype(np.int32), replicates))
         del unlearned
     return out
+
+
+def interval_draws(n_models: int, n_oracles: int, forget_set: str, method: str, params: str, *,
+                   n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> BootstrapDraws | None:
+    """The half-samples of one ensemble and its oracles for the interval of its rows (None: ``n_boot`` is 0 or an
+    ensemble has fewer than ``MIN_MODELS`` models).
+
+    Each side is seeded from ``seed`` and its identity alone (``SeedSequence([seed, *sha256 words])`` of
+    ``unlearned/forget set/method/params``, of ``oracle/forget set``), so every chunk job, in any process, in any
+    order, draws the same models: the rows do not depend on chunking or scheduling, and every method of a forget
+    set is read against the same oracle half-samples.
+    """
+    if n_boot == 0 or min(n_models, n_oracles) < MIN_MODELS:
+        return None
+    return BootstrapDraws(ensemble_rows(n_models, n_boot=n_boot, seed=_entropy(seed, "unlearned", forget_set, method,
+                                                                                 params)),
+                          ensemble_rows(n_oracles, n_boot=n_boot, seed=_entropy(seed, "oracle", forget_set)),
+                          n_models, n_oracles, seed)
+
+
+def _entropy(seed: int, *parts: str) -> list[int]:
+    """SeedSequence entropy: the seed and four 32-bit words of the SHA-256 of the identity parts."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return [seed, *struct.unpack("<4I", digest[:16])]
+
+
+def check_interval_settings(n_boot: int, seed: int) -> None:
+    """``n_boot`` 0 (no interval) or an integer >= 2, ``seed`` a non-negative integer; ``StoreError`` otherwise."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot == 1 or n_boot < 0:
+        raise StoreError(f"n_boot must be 0 (no interval) or an integer >= 2, got {n_boot!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise StoreError(f"the interval's seed must be a non-negative integer, got {seed!r}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -237,8 +298,8 @@ def _run_shape(store: RunStore) -> tuple[dict, int, int, int, dict[str, int]]:
 
 def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                methods: list[tuple[str, str]] | None = None, mapper: TaskMapper | None = None,
-               skipped: list[str] | None = None, direction: str = DIRECTIONS[0],
-               on_samples: SampleSink | None = None) -> list[dict]:
+               skipped: list[str] | None = None, direction: str = DIRECTIONS[0], n_boot: int = DEFAULT_N_BOOT,
+               boot_seed: int = DEFAULT_SEED, on_samples: SampleSink | None = None) -> list[dict]:
     """Summary rows for every complete (forget set, method, params) group, or only the ones asked for.
 
     ``methods`` is a list of (method, params JSON); ``do_nothing`` is scored from the originals.
@@ -252,9 +313,13 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     ``direction`` = ``"oracle-unlearned"`` scores KL(oracle ‖ unlearned), DUB ``run.py``'s number, and marks every
     row's ``klom_version`` with it (``klom_version_of``); the default is the published KL(unlearned ‖ oracle).
     ``on_samples`` (if given) receives every row's per-sample values (``SampleSink``), for the per-sample file.
+    ``n_boot`` half-sample replicates (0: none) seeded by ``boot_seed`` and each ensemble's identity give each row's
+    ``klom_p95_ci_*`` / ``klom_mean_ci_*`` (docs/metrics.md#uncertainty); the other columns do not depend on them.
+    Rows with an interval carry its settings under ``"bootstrap"``; ``write_summary`` records them at the top.
     """
     if direction not in DIRECTIONS:
         raise StoreError(f"unknown KL direction {direction!r}; known: {', '.join(DIRECTIONS)}")
+    check_interval_settings(n_boot, boot_seed)
     info, n_models, n_oracles, chunk_size, n_split = _run_shape(store)
     role_groups, oracle_groups, method_groups = _groups(store.completed_units())
     original = role_groups["original"]
@@ -299,7 +364,8 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
             for chunk in range((n + chunk_size - 1) // chunk_size):
                 width = min(chunk_size, n - chunk * chunk_size)
                 jobs.append(ChunkJob(files, oracle_files, sc.stored_epochs, split, chunk, width,
-                                     sc.group.n_models, sc.oracle.n_models, label, direction))
+                                     sc.group.n_models, sc.oracle.n_models, label, direction, n_boot,
+                                     (sc.forget_set, sc.group.method, sc.group.params), boot_seed))
     if mapper is not None and jobs:
         log.info("reducing %d chunk jobs through %s", len(jobs), getattr(mapper, "__name__", "the task mapper"))
         results = mapper(score_chunk_at, [(store.uri, job) for job in jobs])
@@ -308,19 +374,22 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
 
     rows = []
     for sc in scorings:
+        boot = n_boot if min(sc.group.n_models, sc.oracle.n_models) >= MIN_MODELS else 0
         per_sample = {}
         for split, n in n_split.items():
+            # (B, n) float64 replicates per epoch while the ensemble's rows are built: B × 8 bytes per sample
             arrays = [(np.empty(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int32),
-                       np.zeros(n, dtype=np.int32)) for _ in sc.epochs]
+                       np.zeros(n, dtype=np.int32), np.empty((boot, n)) if boot else None) for _ in sc.epochs]
             for chunk in range((n + chunk_size - 1) // chunk_size):
                 cols = slice(chunk * chunk_size, min(n, (chunk + 1) * chunk_size))
                 for target, scores in zip(arrays, next(results), strict=True):
                     for full, part in zip(target, scores, strict=True):
-                        full[cols] = part
+                        if full is not None:
+                            full[..., cols] = part
             per_sample[split] = arrays
         for k, epoch in enumerate(sc.epochs):
             built = _rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"],
-                          klom_version_of(direction))
+                          klom_version_of(direction), boot_seed)
             rows.extend(built)
             if on_samples is not None:
                 _emit_samples(on_samples, built, split_views(sc.forget_idx, n_split),
@@ -335,7 +404,7 @@ def _emit_samples(sink: SampleSink, rows: list[dict], views: dict[str, tuple[str
     them), so that the per-sample file holds exactly the values each summary row was computed from."""
     for row in rows:
         source, idx = views[row["split"]]
-        values, degenerate, correct, oracle_correct, dropped_u, dropped_o = (a[idx] for a in scores[source])
+        values, degenerate, correct, oracle_correct, dropped_u, dropped_o = (a[idx] for a in scores[source][:6])
         sink(row, dict(zip(PER_SAMPLE_FIELDS, (idx.astype(np.int64), values, degenerate, correct, oracle_correct,
                                                dropped_u, dropped_o), strict=True)))
 
@@ -348,17 +417,18 @@ def klom_version_of(direction: str) -> str:
 
 
 def _rows(sc: _Scoring, epoch: int, per_sample: dict[str, tuple], n_split: dict[str, int], run_id: str,
-          klom_version: str) -> list[dict]:
+          klom_version: str, boot_seed: int) -> list[dict]:
     """One summary row per split view (retain, forget, val) of one ensemble at one epoch."""
     grad_samples, compute_s = (0, 0.0) if sc.group.method == "do_nothing" else sc.group.work(epoch)
     rows = []
     for split, (source, idx) in split_views(sc.forget_idx, n_split).items():
-        values, degenerate, correct, oracle_correct = (a[idx] for a in per_sample[source][:4])
+        values, degenerate, correct, oracle_correct, _, _, replicates = per_sample[source]
         rows.append(summary_row(
             forget_set=sc.forget_set, method=sc.group.method, params=sc.group.params, epoch=epoch, split=split,
-            n_models=sc.group.n_models, n_oracles=sc.oracle.n_models, values=values, degenerate=degenerate,
-            correct=correct, oracle_correct=oracle_correct, grad_samples=grad_samples, run_id=run_id,
-            compute_s=compute_s, klom_version=klom_version))
+            n_models=sc.group.n_models, n_oracles=sc.oracle.n_models, values=values[idx],
+            degenerate=degenerate[idx], correct=correct[idx], oracle_correct=oracle_correct[idx],
+            grad_samples=grad_samples, run_id=run_id, compute_s=compute_s, klom_version=klom_version,
+            replicates=None if replicates is None else replicates[:, idx], boot_seed=boot_seed))
     return rows
 
 
@@ -374,16 +444,29 @@ def split_views(forget_idx: np.ndarray, n_split: dict[str, int]) -> dict[str, tu
 def summary_row(*, forget_set: str, method: str, params: str, epoch: int | None, split: str, n_models: int,
                 n_oracles: int, values: np.ndarray, degenerate: np.ndarray, correct: np.ndarray,
                 oracle_correct: np.ndarray, grad_samples: float | int | None, run_id: str,
-                compute_s: float | None, klom_version: str = KLOM_VERSION) -> dict:
+                compute_s: float | None, klom_version: str = KLOM_VERSION, replicates: np.ndarray | None = None,
+                boot_seed: int = DEFAULT_SEED) -> dict:
     """One summary row from the per-sample scores of one split view (KLOM, degenerate flags, top-1 accuracy of
-    the ensemble and of the oracles, NaN where unknown): the one row builder of ``reduce_run`` and ``score``."""
-    return {
+    the ensemble and of the oracles, NaN where unknown, and the interval's ``(B, samples)`` replicates or None):
+    the one row builder of ``reduce_run`` and ``score``."""
+    row = {
         "forget_set": forget_set, "method": method, "params": params, "epoch": epoch, "split": split,
         "n_models": n_models, "n_oracles": n_oracles, "n_samples": len(values),
         **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
         "accuracy": _accuracy(correct), "oracle_accuracy": _accuracy(oracle_correct),
-        "grad_samples": grad_samples, "klom_version": klom_version, "run": run_id, "compute_s": compute_s,
+        "grad_samples": grad_samples, "klom_version": klom_version, "run": run_id,
+        **dict.fromkeys(INTERVAL_COLUMNS), "compute_s": compute_s,
     }
+    if replicates is not None:
+        interval = bootstrap_interval(replicates, values, stats=DEFAULT_STATS, seed=boot_seed)
+        row.update(interval.columns(prefix="klom_"))
+        row["bootstrap"] = interval_settings(interval.n_boot, boot_seed)
+    return row
+
+
+def interval_settings(n_boot: int, seed: int) -> dict:
+    """What summary.json's ``"bootstrap"`` records (docs/metrics.md#uncertainty)."""
+    return {"n_boot": n_boot, "seed": seed, "method": METHOD, "level": DEFAULT_LEVEL}
 
 
 def _accuracy(per_sample: np.ndarray) -> float | None:
@@ -469,8 +552,8 @@ def summary_csv(rows: list[dict]) -> str:
 
 def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | None = None) -> dict:
     """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity, each
-    row's wall-clock ``compute_s`` and ``versions`` (``raybench.versions.summary_versions``). Returns what
-    summary.json holds.
+    row's wall-clock ``compute_s``, ``versions`` (``raybench.versions.summary_versions``) and, when rows have
+    intervals, their settings as ``"bootstrap"`` (one setting per summary). Returns what summary.json holds.
 
     Never replaces a summary by one that lacks some of its ensembles, or by an empty one (``StoreError``, the
     old files left as they were): a reduce of an interrupted import, or of a folder that lost a manifest, must
@@ -487,6 +570,9 @@ def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | Non
         raise StoreError(f"not overwriting {store.path('summary.csv')}: it has results this reduce could not "
                          f"compute, {names}{more}{why or ' (their units are incomplete or missing)'}; finish them "
                          "with `raybench run` (or the import), or delete summary.csv to summarize without them")
+    settings = {json.dumps(r["bootstrap"], sort_keys=True): r["bootstrap"] for r in rows if r.get("bootstrap")}
+    if len(settings) > 1:
+        raise StoreError(f"rows of several interval settings ({', '.join(sorted(settings))}) cannot share one summary")
     store.write_bytes(store.path("summary.csv"), summary_csv(rows).encode())
     info = store.run_info()
     klom_versions = sorted({r["klom_version"] for r in rows})
@@ -494,10 +580,13 @@ def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | Non
         raise StoreError(f"rows of several KLOM definitions ({', '.join(klom_versions)}) cannot share one summary")
     summary = {"run": info["run"], "identity": info["identity"], "klom_version": klom_versions[0],
                "versions": summary_versions(u.meta for u in store.completed_units().values()),
-               "metrics": metrics_record(rows), "rows": rows}
+               "metrics": metrics_record(rows)}
     for direction in DIRECTIONS[1:]:
         if klom_versions[0] == klom_version_of(direction):
             summary["kl_direction"] = direction
+    if settings:  # once for the summary (rows with an interval name them too, as reduce_run gave them)
+        summary["bootstrap"] = next(iter(settings.values()))
+    summary["rows"] = rows
     store.write_bytes(store.path("summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 
@@ -509,9 +598,8 @@ def read_summary(store: RunStore) -> dict:
     if not store.exists(path):
         raise StoreError(f"{store.uri} has no summary.json: run `raybench reduce {store.uri}` first")
     summary = store.read_record(path, "summary", {"run": str, "klom_version": str, "rows": list})
-    for k, row in enumerate(summary["rows"]):
-        required = [c for c in SUMMARY_COLUMNS if c not in FIELD_COLUMNS]  # absent from older summaries
-        missing = [c for c in required if c not in row] if isinstance(row, dict) else required
+    for k, row in enumerate(summary["rows"]):  # columns added later are absent from older summaries
+        missing = [c for c in BASE_COLUMNS if c not in row] if isinstance(row, dict) else BASE_COLUMNS
         if missing:
             raise StoreError(f"{path} is not a valid summary: row {k} has no {missing[0]!r}; rerun "
                              f"`raybench reduce {store.uri}`")

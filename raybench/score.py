@@ -110,18 +110,21 @@ def _labels(method: str, params: Mapping | str | None, epoch: int | None) -> tup
 
 def _rows(oracles: OracleViews, margins: dict[str, np.ndarray], top1: dict[str, np.ndarray] | None,
           method: str, params: str, epoch: int | None) -> list[dict]:
-    """Per view, KLOM and accuracy per sample as reduce's chunk jobs compute them, then reduce's row builder."""
-    from raybench.metrics import klom_details
-    from raybench.reduce import SUMMARY_COLUMNS, _top1_accuracy, summary_row
+    """Per view, KLOM and accuracy per sample as reduce's chunk jobs compute them, then reduce's row builder; the
+    interval's half-samples are drawn from the same identity (forget set, method, params) as reduce draws them."""
+    from raybench.metrics import klom_details, klom_replicates
+    from raybench.reduce import SUMMARY_COLUMNS, _top1_accuracy, interval_draws, summary_row
 
     rows = []
     for view, oracle in oracles.margins.items():
         result = klom_details(margins[view], oracle)
         n_models, width = margins[view].shape
         correct = _top1_accuracy(None if top1 is None else top1[view], width)
+        draws = interval_draws(n_models, oracles.n_oracles, oracles.forget_set, method, params)
+        replicates = None if draws is None else klom_replicates(margins[view], oracle, draws)
         row = summary_row(forget_set=oracles.forget_set, method=method, params=params, epoch=epoch, split=view,
                           n_models=n_models, n_oracles=oracles.n_oracles, values=result.values,
                           degenerate=result.degenerate, correct=correct, oracle_correct=oracles.correct[view],
-                          grad_samples=None, run_id=oracles.run_id, compute_s=None)
+                          grad_samples=None, run_id=oracles.run_id, compute_s=None, replicates=replicates)
         rows.append({k: row.get(k) for k in SUMMARY_COLUMNS})  # the field's metrics: blank (see the docstring)
     return rows

@@ -7,6 +7,9 @@ the ``oracle_floor`` rows): moving code between modules must not change one numb
 on (every CPU worker trains with one torch thread whatever the core count, ``engine.runtime.worker_options``); a
 change that alters results on purpose (a version bump) regenerates it with ``raybench run --methods all --out DIR``
 and says why in the commit.
+
+Columns are only ever added (docs/metrics.md#summary-columns): the run's summary.csv is compared, row by row, on
+the columns the stored copy has, as text; columns added since (the intervals, …) are checked by their own tests.
 """
 
 import csv
