@@ -367,6 +367,44 @@ def score_command(folder: str, against: str, forget_set: str, out: str, method: 
     click.echo(f"\nscored against run {rows[0]['run']} (forget set {forget_set}); rows in {out}")
 
 
+@main.command("compare")
+@click.argument("out")
+@click.argument("a")
+@click.argument("b")
+@click.option("--params-a", help="Row A's parameters as a JSON object, where its method was swept.")
+@click.option("--params-b", help="Row B's parameters as a JSON object.")
+@click.option("--n-boot", type=click.IntRange(1, 1_000_000), default=2000, show_default=True,
+              help="Paired-bootstrap replicates of the mean difference.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the results here (CSV).")
+def compare_command(out: str, a: str, b: str, params_a: str | None, params_b: str | None, n_boot: int, seed: int,
+                    csv_path: str | None) -> None:
+    """Compare rows A and B (METHOD[@EPOCH]) of a run folder sample by sample, per forget set and split: mean
+    per-sample KLOM of each, the mean difference A - B with its paired-bootstrap 95% interval, and the Wilcoxon
+    signed-rank p-value (docs/metrics.md#comparing-two-methods)."""
+    import csv
+
+    from raybench.compare import COMPARE_COLUMNS, compare, parse_row
+    from raybench.store import RunStore, StoreError
+
+    try:
+        results = compare(RunStore(out), parse_row(a, params_a), parse_row(b, params_b), n_boot=n_boot, seed=seed)
+    except StoreError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(f"{'forget':>6} {'split':<7} {'mean A':>8} {'mean B':>8} {'A - B':>8} {'95% interval':>20} "
+               f"{'A lower':>8} {'Wilcoxon p':>11}")
+    for r in results:
+        p = "-" if r["wilcoxon_p"] is None else f"{r['wilcoxon_p']:.3g}"
+        click.echo(f"{r['forget_set']:>6} {r['split']:<7} {r['mean_a']:8.3f} {r['mean_b']:8.3f} {r['mean_diff']:8.3f} "
+                   f"{'[' + format(r['diff_ci_low'], '.3f') + ', ' + format(r['diff_ci_high'], '.3f') + ']':>20} "
+                   f"{r['share_a_lower']:8.2f} {p:>11}")
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COMPARE_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(results)
+
+
 @main.command("convergence")
 @click.argument("out")
 @click.option("--n", "sizes", metavar="N1,N2,…",

@@ -17,7 +17,7 @@ LAYERS = [
     {"config"},
     {"plan"},
     {"sources", "units", "reduce", "report"},
-    {"engine", "score", "convergence"},
+    {"engine", "score", "convergence", "compare"},
     {"pipeline"},
     {"cli", "__init__"},
     {"__main__"},
