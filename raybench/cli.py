@@ -208,14 +208,16 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
 @click.option("--kl-direction", type=click.Choice(DIRECTIONS), default=DIRECTIONS[0], show_default=True,
               help="KL(unlearned ‖ oracle), the published KLOM; or oracle-unlearned, what DUB's run.py prints "
                    "(rows then carry klom_version '…+oracle-unlearned').")
-def reduce_command(out: str, kl_direction: str) -> None:
+@click.option("--n-boot", type=click.IntRange(0, 100_000), default=None,
+              help="Half-sample replicates of the P95 / mean intervals (default 200; 0: no interval, faster).")
+def reduce_command(out: str, kl_direction: str, n_boot: int | None) -> None:
     """Recompute summary.csv / summary.json (and report.html) of a run folder from its Parquet margins alone."""
     from raybench.pipeline import summarize
     from raybench.report import summary_table
     from raybench.store import RunStore, StoreError
 
     try:
-        summary, _ = summarize(RunStore(out), direction=kl_direction)
+        summary, _ = summarize(RunStore(out), direction=kl_direction, n_boot=n_boot)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
     click.echo(summary_table(summary["rows"]))

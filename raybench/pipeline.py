@@ -180,14 +180,17 @@ def _record_forget_sets(store: RunStore, forget_sets: dict[str, ForgetSet]) -> N
 
 
 # -- reduce and publish ----------------------------------------------------------------------------------------------
-def summarize(store: RunStore, *, direction: str | None = None) -> tuple[dict, str]:
+def summarize(store: RunStore, *, direction: str | None = None, n_boot: int | None = None) -> tuple[dict, str]:
     """The folder's summary, as ``raybench reduce`` gives it: every complete ensemble (ensembles of earlier runs
     into the same folder stay in it; a summary never loses one it had, see ``write_summary``), written as
     summary.csv / summary.json, then every row's per-sample values (``per_sample/``, docs/design.md#per-sample-values;
-    the report may read them), then report.html and its plots. Returns summary.json's content and the page."""
+    the report may read them), then report.html and its plots. Returns summary.json's content and the page.
+    ``n_boot``: the intervals' replicates (``reduce_run``'s default when None; 0: no interval)."""
     skipped: list[str] = []
     mapper = map_tasks if cluster_for_reduce() else None  # Ray tasks only on a cluster of several nodes
     kwargs = {} if direction is None else {"direction": direction}
+    if n_boot is not None:
+        kwargs["n_boot"] = n_boot
     samples: list[tuple[dict, dict]] = []  # every row's per-sample values, written once the summary is
     rows = reduce_run(store, skipped=skipped, mapper=mapper, on_samples=lambda r, c: samples.append((r, c)),
                       **kwargs)

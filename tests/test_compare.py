@@ -77,3 +77,12 @@ def test_bad_rows_exit_2_with_one_line(run):
                           (["finetune", "do_nothing", "--params-a", "[1]"], "JSON object")):
         result = runner.invoke(main, ["compare", str(run), *args])
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_reduce_without_intervals_leaves_their_columns_blank(run):
+    runner = CliRunner()
+    assert runner.invoke(main, ["reduce", str(run), "--n-boot", "0"]).exit_code == 0
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert {r["klom_p95_ci_low"] for r in rows} == {""} and all(r["klom_p95"] for r in rows)
+    assert runner.invoke(main, ["reduce", str(run)]).exit_code == 0  # the default: 200 replicates
+    assert all(r["klom_p95_ci_low"] for r in csv.DictReader((run / "summary.csv").open()))
