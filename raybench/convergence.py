@@ -14,7 +14,6 @@ draw is every model, so that point is the summary's P95 bit for bit.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ import numpy as np
 
 from raybench.metrics import DIRECTIONS, klom, summarize
 from raybench.reduce import _groups, read_summary, split_views
-from raybench.store import FLOOR_METHOD, RunStore, StoreError, margins_matrix
+from raybench.store import FLOOR_METHOD, RunStore, StoreError, csv_text, margins_matrix
 
 if TYPE_CHECKING:  # matplotlib is imported only when the plot is drawn
     from matplotlib.figure import Figure
@@ -231,12 +230,7 @@ def convergence(store: RunStore, *, grid: Sequence[int] | None = None, draws: in
 
 def convergence_csv(rows: list[dict]) -> str:
     """The text of convergence.csv (floats as repr, so the run's-N point reads back as the summary's P95)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-    return buffer.getvalue()
+    return csv_text(rows, COLUMNS)
 
 
 def _label(method: str, params: str, epoch: int, swept: bool) -> str:

@@ -43,7 +43,7 @@ from raybench.metrics.bootstrap import (
     ensemble_rows,
     klom_replicates,
 )
-from raybench.store import FLOOR_METHOD, RunStore, StoreError, UnitOutput, margins_matrix, top1_matrix
+from raybench.store import FLOOR_METHOD, RunStore, StoreError, UnitOutput, csv_text, margins_matrix, top1_matrix
 from raybench.versions import summary_versions
 
 log = logging.getLogger(__name__)
@@ -542,12 +542,7 @@ def _summary_groups(store: RunStore) -> set[tuple[str, str, str]]:
 
 def summary_csv(rows: list[dict]) -> str:
     """The text of ``summary.csv`` for these rows (floats as repr: the bits survive a round trip)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-    return buffer.getvalue()
+    return csv_text(rows, SUMMARY_COLUMNS)
 
 
 def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | None = None) -> dict:

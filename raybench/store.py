@@ -37,6 +37,7 @@ is read from; it is null where only margins are known (imported models).
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import datetime
 import hashlib
@@ -289,6 +290,17 @@ def finite_margins(matrix: np.ndarray, model_ids: Iterable[int], what: str) -> n
         bad = sorted({ids[i] if i < len(ids) else int(i) for i in rows})
         raise NonFiniteMargins(f"NaN {what} for model(s) {bad[:10]}", bad)
     return np.nan_to_num(out, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)  # a copy
+
+
+def csv_text(rows: Iterable[dict], columns: list[str]) -> str:
+    """The text of a run folder's CSV tables (summary.csv, convergence.csv): these columns in order, floats as
+    ``repr`` so the bits survive a round trip, ``\n`` line ends, other keys of a row ignored."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
 
 
 def forget_set_digest(indices: Iterable[int]) -> str:

@@ -1,5 +1,6 @@
 """The backbone end to end through a real local Ray: plan -> actors -> Ray Data -> Parquet -> reduce."""
 
+import csv
 import json
 
 import numpy as np
@@ -236,9 +237,13 @@ def test_train_then_unlearn_equals_run_and_report_prints_it(ray_session, tmp_pat
     assert report.exit_code == 0 and all(m in report.output for m in ("finetune", "do_nothing", "oracle_floor"))
     page = (tmp_path / "split" / "report.html").read_text()
     plots = sorted(p.name for p in (tmp_path / "split" / "plots").iterdir())
-    assert plots == ["klom_p95_forget_set_1.png", "work_forget_set_1.png"]
+    # P95 with intervals, compute against KLOM, and from per_sample/ the CDFs and the worst samples
+    assert plots == ["cdf_forget_set_1.png", "compute_forget_set_1.png", "p95_forget_set_1.png",
+                     "worst_forget_set_1.png"]
     assert all((tmp_path / "split" / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in plots)
-    assert all(f'src="plots/{name}"' in page for name in plots) and page.count("<tr>") == 1 + 9  # header, rows
+    assert all(f'src="plots/{name}"' in page for name in plots)
+    rows = list(csv.DictReader((tmp_path / "split" / "summary.csv").open()))
+    assert len(rows) == 9 and all(f"{float(r['klom_p95']):.3f}" in page for r in rows)  # every row is on the page
     assert runner.invoke(main, ["report", str(tmp_path)]).exit_code == 2
 
 
