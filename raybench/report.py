@@ -802,13 +802,15 @@ def _selection_table(record: dict, forget_set: str) -> str:
     body = []
     for c in choices:
         leaky, half = c["leaky"], c["leaky_scoring_half"]
+        swept = _swept(record.get("candidates", []), forget_set, c["method"])
         cls = ' class="ref"' if c["method"] in ("do_nothing", FLOOR) else ""
         body.append(f"<tr{cls}><td class='l'>{_esc(c['method'])}</td><td>{_esc(c['candidates'])}</td>"
-                    f"<td class='l'>{_esc(_short_params(c['params']))} · ep {_esc(c['epoch'])}</td>"
+                    f"<td class='l' title='{_esc(c['params'])}'>{_esc(swept(c['params']))}ep {_esc(c['epoch'])}</td>"
                     + "".join(f"<td>{_fmt(c['scoring'].get(s))}</td>" for s in SPLITS)
-                    + f"<td>{_fmt(c['scoring']['rule'])}</td><td>{_fmt(half['rule'])}</td>"
-                    f"<td>{_fmt(c['flattery'])}</td><td class='l'>{_esc(_short_params(leaky['params']))} · ep "
-                    f"{_esc(leaky['epoch'])}: {_fmt(leaky['rule'])}</td></tr>")
+                    + f"<td>{_fmt(c['scoring']['rule'])}</td><td title='{_esc(half['params'])}'>"
+                    f"{_fmt(half['rule'])} ({_esc(swept(half['params']))}ep {_esc(half['epoch'])})</td>"
+                    f"<td>{_fmt(c['flattery'])}</td><td class='l' title='{_esc(leaky['params'])}'>"
+                    f"{_esc(swept(leaky['params']))}ep {_esc(leaky['epoch'])}: {_fmt(leaky['rule'])}</td></tr>")
     return (f"<p>Each method's params and epoch chosen by <code>{_esc(rule)}</code> ({_esc(record.get('minimises'))}) "
             f"on a tuning half of the models and oracles, scored on the disjoint other half (N = "
             f"{_esc(record.get('n_models'))} models, {_esc(record.get('n_oracles'))} oracles: not comparable with "
@@ -817,6 +819,18 @@ def _selection_table(record: dict, forget_set: str) -> str:
             "oracles</i>: the choice and value the table above suggests, at the full N. Rows with "
             "<code>selection</code> in summary.csv (docs/metrics.md#selection-without-leaking).</p>"
             f"<table>{head}\n" + "\n".join(body) + "</table>")
+
+
+def _swept(candidates: list[dict], forget_set: str, method: str):
+    """A labeller of one method's params that names only the parameters its candidates vary ("lr=0.01 · ")."""
+    params = [json.loads(c["params"]) for c in candidates if (c.get("forget_set"), c.get("method")) == (forget_set,
+                                                                                                          method)]
+    keys = sorted({k for p in params for k in p if len({json.dumps(q.get(k)) for q in params}) > 1})
+
+    def label(text: str) -> str:
+        p = json.loads(text)
+        return "".join(f"{k}={p.get(k)} · " for k in keys)
+    return label
 
 
 def _metric_value(by_split: dict[str, dict], column: str) -> str:
