@@ -242,3 +242,16 @@ def test_an_unknown_rule_exits_2_with_one_line(run, tmp_path):
     result = CliRunner().invoke(main, ["run", "--config", str(config), "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "unknown selection rule" in result.output, result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_run_passes_the_config_key_on_to_the_summary(tmp_path, margins, monkeypatch):
+    from raybench import pipeline
+
+    store = RunStore(str(tmp_path / "run"))
+    _write(store, margins)
+    monkeypatch.setattr(pipeline, "execute", lambda config, **_: (None, store, None))
+    config = tmp_path / "c.toml"
+    config.write_text('select = "max_p95"\n')
+    result = pipeline.run(pipeline.load_config(str(config), out=store.uri))
+    assert result.summary["selection"]["rule"] == "max_p95"
+    assert sum(1 for r in result.summary["rows"] if r.get("selection") == "max_p95") == 9
