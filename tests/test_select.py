@@ -255,3 +255,19 @@ def test_run_passes_the_config_key_on_to_the_summary(tmp_path, margins, monkeypa
     result = pipeline.run(pipeline.load_config(str(config), out=store.uri))
     assert result.summary["selection"]["rule"] == "max_p95"
     assert sum(1 for r in result.summary["rows"] if r.get("selection") == "max_p95") == 9
+
+
+def test_through_a_task_mapper_the_rows_are_the_same(run):
+    from raybench.selection import select_rows
+
+    rows = reduce_run(run, n_boot=0)
+    calls = []
+
+    def mapper(fn, items):  # what engine.map_tasks does, in process: fn(*item) by URI, in item order
+        calls.append(fn.__name__)
+        return (fn(*item) for item in items)
+
+    here = select_rows(run, rows, "forget_p95", n_boot=4)
+    mapped = select_rows(run, rows, "forget_p95", n_boot=4, mapper=mapper)
+    assert calls == ["entry_p95_at", "score_chunk_at"]
+    assert mapped.record == here.record and mapped.rows == here.rows
