@@ -15,8 +15,13 @@ import click
 import numpy as np
 
 from raybench.metrics import DIRECTIONS, KLOM_VERSION, VARIANTS, klom_details, summarize
+from raybench.metrics.selection import RULE_TEXT, RULES
 
 EXIT_BAD_INPUT = 2
+SELECT_HELP = ("Also choose each method's params and epoch by RULE on a tuning half of the models and oracles, "
+               "and score the choice on the other half: extra summary rows with selection = RULE (half the "
+               "ensembles, so not comparable with the full rows); RULE minimises "
+               + "; ".join(f"{name}: the {text}" for name, text in RULE_TEXT.items()) + ".")
 MAX_BINS = 10_000
 """KLOM histogram bins at most: the kernel holds (samples x bins) floats per chunk, and published KLOM uses 20."""
 
@@ -136,6 +141,7 @@ def _config_options(fn):
         click.option("--floor/--no-floor", default=None,
                      help="Train N more oracles per forget set with their own seeds and score them as method "
                           "oracle_floor, the noise floor at this N (default: on; costs one oracle ensemble)."),
+        click.option("--select", type=click.Choice(list(RULES)), help=f"{SELECT_HELP} Config key: select."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -210,14 +216,15 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
                    "(rows then carry klom_version '…+oracle-unlearned').")
 @click.option("--n-boot", type=click.IntRange(0, 100_000), default=None,
               help="Half-sample replicates of the P95 / mean intervals (default 200; 0: no interval, faster).")
-def reduce_command(out: str, kl_direction: str, n_boot: int | None) -> None:
+@click.option("--select", type=click.Choice(list(RULES)), help=SELECT_HELP)
+def reduce_command(out: str, kl_direction: str, n_boot: int | None, select: str | None) -> None:
     """Recompute summary.csv / summary.json (and report.html) of a run folder from its Parquet margins alone."""
     from raybench.pipeline import summarize
     from raybench.report import summary_table
     from raybench.store import RunStore, StoreError
 
     try:
-        summary, _ = summarize(RunStore(out), direction=kl_direction, n_boot=n_boot)
+        summary, _ = summarize(RunStore(out), direction=kl_direction, n_boot=n_boot, select=select)
     except StoreError as err:
         raise click.UsageError(str(err)) from err
     click.echo(summary_table(summary["rows"]))

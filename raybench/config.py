@@ -6,7 +6,7 @@ parameters, what a source can provide) is checked by ``pipeline.load_config`` ri
 
 TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``n_oracles``, ``forget_sets``,
 ``methods``, ``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``,
-``source``, ``floor``), plus tables ``[recipe]`` (base training overrides) and ``[params.<method>]`` (method
+``source``, ``floor``, ``select``), plus tables ``[recipe]`` (base training overrides) and ``[params.<method>]`` (method
 parameters; a list value sweeps over its items, except ``epochs``, the list of snapshots to score).
 
 ``source`` names where the run's originals and oracles come from (``raybench.sources``): ``"trained"`` (the
@@ -25,6 +25,7 @@ from pathlib import Path
 from raybench import spec
 from raybench.data import DATASETS
 from raybench.ids import digest
+from raybench.metrics.selection import check_rule
 from raybench.models import ARCHS
 from raybench.training import Recipe, default_recipe
 
@@ -55,6 +56,7 @@ class RunConfig:
     num_gpus: int | None = None
     source: str = "trained"  # where originals and oracles come from: "trained", or "NAME[:FOLDER_OR_REPO]"
     floor: bool = True  # the oracle_floor ensemble: N more oracles per forget set, scored like a method
+    select: str = ""  # a selection rule (raybench.metrics.selection.RULES): rows chosen without leaking; "": none
 
     @property
     def resolved_arch(self) -> str:
@@ -157,7 +159,7 @@ MAX_BLOCK_SIZE = 10_000
 activations and gradients; 100,000 exhausted 23 GB). Larger architectures need far smaller blocks, which this
 bound cannot judge."""
 
-_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source")
+_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source", "select")
 
 
 def validate(config: RunConfig, *, data_known: bool = True) -> None:
@@ -189,6 +191,11 @@ def validate(config: RunConfig, *, data_known: bool = True) -> None:
     if config.n_oracles is not None:
         _check(spec.integer(2, spec.MAX_MODELS), "n_oracles", config.n_oracles)
     _check(spec.integer(-(1 << 63), (1 << 63) - 1), "seed", config.seed)
+    if config.select:
+        try:
+            check_rule(config.select)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if not isinstance(config.floor, bool):
         raise ConfigError(f"floor must be true or false, got {config.floor!r}")
     for key, low in (("num_cpus", 1), ("num_gpus", 0)):

@@ -129,6 +129,8 @@ def _entries(store: RunStore, summary: dict) -> tuple[list[_Entry], int, int]:
     out, sizes, units = [], set(), {}
     stale = f"; its summary.json is older than its units: rerun `raybench reduce {store.uri}` first"
     for row in summary["rows"]:
+        if row.get("selection"):  # a --select row: half of an ensemble already listed, not one of its own
+            continue
         key = (row["forget_set"], row["method"], row["params"], row["epoch"])
         if out and (out[-1].forget_set, out[-1].method, out[-1].params, out[-1].epoch) == key:
             continue
@@ -149,7 +151,7 @@ def _entries(store: RunStore, summary: dict) -> tuple[list[_Entry], int, int]:
                           tuple(f for u in oracle.units for f in u.files), forget_idx))
         sizes.add((group.n_models, oracle.n_models))
     if len(sizes) != 1:
-        raise StoreError(f"{store.uri}: its ensembles have several sizes {sorted(sizes)}; convergence needs one N")
+        raise StoreError(f"{store.uri}: its ensembles have several sizes {sorted(sizes)}; subsampling needs one N")
     store.verify_units(list(units.values()))
     n_models, n_oracles = sizes.pop()
     return out, n_models, n_oracles

@@ -19,9 +19,11 @@ from pathlib import Path
 from raybench.config import ConfigError, RunConfig, build_config, validate
 from raybench.data import Dataset, ForgetSet, load_dataset
 from raybench.engine import EngineError, RunReport, cluster_for_reduce, map_tasks, run_units, start_ray
+from raybench.metrics.selection import check_rule
 from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, plan_method_runs, source_units
 from raybench.reduce import reduce_run, write_summary
 from raybench.report import write_report
+from raybench.selection import select_rows
 from raybench.sources import Source, SourceError, source_for
 from raybench.store import RunStore, StoreError
 from raybench.versions import collect_versions
@@ -66,7 +68,7 @@ def run(config: RunConfig, *, step: str = "all", verbose: bool = False, progress
     """``raybench run`` (``step="all"``), ``raybench train`` or ``raybench unlearn``: compute what is missing, then
     summarise every complete ensemble in the folder and write the report."""
     plan, store, report = execute(config, step=step, verbose=verbose, progress=progress, kill_after=kill_after)
-    summary, page = summarize(store)
+    summary, page = summarize(store, select=config.select or None)
     return RunResult(plan, store, report, summary, page)
 
 
@@ -180,12 +182,20 @@ def _record_forget_sets(store: RunStore, forget_sets: dict[str, ForgetSet]) -> N
 
 
 # -- reduce and publish ----------------------------------------------------------------------------------------------
-def summarize(store: RunStore, *, direction: str | None = None, n_boot: int | None = None) -> tuple[dict, str]:
+def summarize(store: RunStore, *, direction: str | None = None, n_boot: int | None = None,
+              select: str | None = None) -> tuple[dict, str]:
     """The folder's summary, as ``raybench reduce`` gives it: every complete ensemble (ensembles of earlier runs
     into the same folder stay in it; a summary never loses one it had, see ``write_summary``), written as
     summary.csv / summary.json, then every row's per-sample values (``per_sample/``, docs/design.md#per-sample-values;
     the report may read them), then report.html and its plots. Returns summary.json's content and the page.
-    ``n_boot``: the intervals' replicates (``reduce_run``'s default when None; 0: no interval)."""
+    ``n_boot``: the intervals' replicates (``reduce_run``'s default when None; 0: no interval). ``select``: a
+    selection rule (``raybench.metrics.selection.RULES``): the rows of each method's choice on the tuning halves,
+    scored on the scoring halves, are appended (``raybench.selection``; not in per_sample/)."""
+    if select is not None:
+        try:  # before the reduce: an unknown rule costs nothing
+            check_rule(select)
+        except ValueError as err:
+            raise StoreError(str(err)) from None
     skipped: list[str] = []
     mapper = map_tasks if cluster_for_reduce() else None  # Ray tasks only on a cluster of several nodes
     kwargs = {} if direction is None else {"direction": direction}
@@ -194,7 +204,9 @@ def summarize(store: RunStore, *, direction: str | None = None, n_boot: int | No
     samples: list[tuple[dict, dict]] = []  # every row's per-sample values, written once the summary is
     rows = reduce_run(store, skipped=skipped, mapper=mapper, on_samples=lambda r, c: samples.append((r, c)),
                       **kwargs)
-    summary = write_summary(store, rows, skipped=skipped)
+    selection = select_rows(store, rows, select, mapper=mapper, **kwargs) if select is not None else None
+    summary = write_summary(store, rows + (selection.rows if selection else []), skipped=skipped,
+                            selection=selection.record if selection else None)
     csv_digest = hashlib.sha256(store.read_bytes(store.path("summary.csv"))).hexdigest()
     store.write_per_sample(samples, metadata={"run": summary["run"], "klom_version": summary["klom_version"],
                                               "summary_csv_sha256": csv_digest})

@@ -53,7 +53,7 @@ SUMMARY_COLUMNS = [
     "klom_mean", "klom_p5", "klom_p25", "klom_p50", "klom_p75", "klom_p95", "klom_p99", "klom_degenerate",
     "accuracy", "oracle_accuracy", "grad_samples", "klom_version", "run",
     "klom_p95_ci_low", "klom_p95_ci_high", "klom_mean_ci_low", "klom_mean_ci_high",
-    *FIELD_COLUMNS,
+    *FIELD_COLUMNS, "selection",
 ]
 """``grad_samples``: samples per model that the method passed forward with gradients up to that epoch
 (``raybench.models.grad_samples``): its work, deterministic, comparable with ``retrain`` (epochs × retain size).
@@ -61,7 +61,8 @@ Wall-clock ``compute_s`` (summed over the ensemble's units) is in summary.json o
 however the run was scheduled, interrupted or retried. ``klom_*_ci_*``: the 95 % interval of P95 and mean KLOM over
 the models of both ensembles (``raybench.metrics.bootstrap``, docs/metrics.md#uncertainty), empty where not
 computed. ``FIELD_COLUMNS``: the field's other metrics (``raybench.field_metrics``). Both are empty in summaries
-written before them."""
+written before them. ``selection``: empty, except on the rows ``--select RULE`` adds (``raybench.selection``), where
+it is the rule's name."""
 BASE_COLUMNS = SUMMARY_COLUMNS[: SUMMARY_COLUMNS.index("run") + 1]
 """The columns every summary this format has written holds; later columns are absent from older summaries."""
 INTERVAL_COLUMNS = [f"klom_{stat}_ci_{end}" for stat in DEFAULT_STATS for end in ("low", "high")]
@@ -174,6 +175,8 @@ class ChunkJob:
     n_boot: int = 0  # replicates of the summaries' interval; 0: none (docs/metrics.md#uncertainty)
     boot_key: tuple[str, str, str] = ("", "", "")  # (forget set, method, params): seeds the draws, see interval_draws
     boot_seed: int = DEFAULT_SEED
+    model_rows: tuple[int, ...] | None = None  # score only these rows (positions in model-id order); None: all
+    oracle_rows: tuple[int, ...] | None = None  # the same for the oracles (a selection's halves)
 
 
 TaskMapper = Callable[[Callable, list], Iterator]
@@ -204,6 +207,15 @@ def _matrices(store: RunStore, files: tuple[str, ...], job: ChunkJob, epoch: int
     return matrix, top1
 
 
+def _rows_of(matrix: np.ndarray, top1: np.ndarray | None, rows: tuple[int, ...] | None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The given rows of a chunk's margins and top-1 margins (all of them for None)."""
+    if rows is None:
+        return matrix, top1
+    picked = np.asarray(rows, dtype=np.int64)
+    return matrix[picked], None if top1 is None else top1[picked]
+
+
 def _top1_accuracy(top1: np.ndarray | None, width: int) -> np.ndarray:
     """Per sample, the share of models whose top-1 prediction is right (top-1 margin > 0: a tie is wrong); NaN
     when not known, which leaves the accuracy of every split view holding the sample empty."""
@@ -212,13 +224,15 @@ def _top1_accuracy(top1: np.ndarray | None, width: int) -> np.ndarray:
 
 def score_chunk(store: RunStore, job: ChunkJob) -> list[ChunkScores]:
     """The job's per-sample scores, one entry per epoch (the oracles' chunk is read once for all epochs)."""
-    oracle, oracle_top1 = _matrices(store, job.oracle_files, job, None, job.n_oracles, "oracles")
+    oracle, oracle_top1 = _rows_of(*_matrices(store, job.oracle_files, job, None, job.n_oracles, "oracles"),
+                                   job.oracle_rows)
     oracle_correct = _top1_accuracy(oracle_top1, job.width)
     del oracle_top1
-    draws = interval_draws(job.n_models, job.n_oracles, *job.boot_key, n_boot=job.n_boot, seed=job.boot_seed)
+    n_models = job.n_models if job.model_rows is None else len(job.model_rows)
+    draws = interval_draws(n_models, len(oracle), *job.boot_key, n_boot=job.n_boot, seed=job.boot_seed)
     out = []
     for epoch in job.epochs:
-        unlearned, top1 = _matrices(store, job.files, job, epoch, job.n_models, "models")
+        unlearned, top1 = _rows_of(*_matrices(store, job.files, job, epoch, job.n_models, "models"), job.model_rows)
         correct = _top1_accuracy(top1, job.width)
         del top1
         result = klom_details(unlearned, oracle, direction=job.direction)
@@ -375,18 +389,7 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
     rows = []
     for sc in scorings:
         boot = n_boot if min(sc.group.n_models, sc.oracle.n_models) >= MIN_MODELS else 0
-        per_sample = {}
-        for split, n in n_split.items():
-            # (B, n) float64 replicates per epoch while the ensemble's rows are built: B × 8 bytes per sample
-            arrays = [(np.empty(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int32),
-                       np.zeros(n, dtype=np.int32), np.empty((boot, n)) if boot else None) for _ in sc.epochs]
-            for chunk in range((n + chunk_size - 1) // chunk_size):
-                cols = slice(chunk * chunk_size, min(n, (chunk + 1) * chunk_size))
-                for target, scores in zip(arrays, next(results), strict=True):
-                    for full, part in zip(target, scores, strict=True):
-                        if full is not None:
-                            full[..., cols] = part
-            per_sample[split] = arrays
+        per_sample = collect_scores(results, n_split, chunk_size, len(sc.epochs), boot)
         for k, epoch in enumerate(sc.epochs):
             built = _rows(sc, epoch, {split: a[k] for split, a in per_sample.items()}, n_split, info["run"],
                           klom_version_of(direction), boot_seed)
@@ -396,6 +399,26 @@ def reduce_run(store: RunStore, *, forget_sets: list[str] | None = None,
                               {split: a[k] for split, a in per_sample.items()})
     fill_field_metrics(store, rows, scorings, original, n_split=n_split, chunk_size=chunk_size, mapper=mapper)
     return rows
+
+
+def collect_scores(results: Iterator[list[ChunkScores]], n_split: dict[str, int], chunk_size: int, n_epochs: int,
+                   boot: int) -> dict[str, list[tuple]]:
+    """One ensemble's chunk results (its jobs' in job order: split by split, chunk by chunk) put together per
+    stored split, one tuple of whole-split arrays per epoch in ``ChunkScores``' order (the replicates None when
+    ``boot`` is 0). Holds (B, n) float64 replicates per epoch while the ensemble's rows are built: B × 8 bytes per
+    sample."""
+    per_sample = {}
+    for split, n in n_split.items():
+        arrays = [(np.empty(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int32),
+                   np.zeros(n, dtype=np.int32), np.empty((boot, n)) if boot else None) for _ in range(n_epochs)]
+        for chunk in range((n + chunk_size - 1) // chunk_size):
+            cols = slice(chunk * chunk_size, min(n, (chunk + 1) * chunk_size))
+            for target, scores in zip(arrays, next(results), strict=True):
+                for full, part in zip(target, scores, strict=True):
+                    if full is not None:
+                        full[..., cols] = part
+        per_sample[split] = arrays
+    return per_sample
 
 
 def _emit_samples(sink: SampleSink, rows: list[dict], views: dict[str, tuple[str, np.ndarray]],
@@ -455,7 +478,7 @@ def summary_row(*, forget_set: str, method: str, params: str, epoch: int | None,
         **summarize(values, prefix="klom_"), "klom_degenerate": int(degenerate.sum()),
         "accuracy": _accuracy(correct), "oracle_accuracy": _accuracy(oracle_correct),
         "grad_samples": grad_samples, "klom_version": klom_version, "run": run_id,
-        **dict.fromkeys(INTERVAL_COLUMNS), "compute_s": compute_s,
+        **dict.fromkeys(INTERVAL_COLUMNS), "compute_s": compute_s, "selection": None,
     }
     if replicates is not None:
         interval = bootstrap_interval(replicates, values, stats=DEFAULT_STATS, seed=boot_seed)
@@ -545,10 +568,13 @@ def summary_csv(rows: list[dict]) -> str:
     return csv_text(rows, SUMMARY_COLUMNS)
 
 
-def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | None = None) -> dict:
+def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | None = None,
+                  selection: dict | None = None) -> dict:
     """``summary.csv`` and ``summary.json`` in the run folder; the JSON also carries the run's identity, each
     row's wall-clock ``compute_s``, ``versions`` (``raybench.versions.summary_versions``) and, when rows have
-    intervals, their settings as ``"bootstrap"`` (one setting per summary). Returns what summary.json holds.
+    intervals, their settings as ``"bootstrap"`` (one setting per summary), and ``selection`` (what
+    ``raybench.selection`` chose, when ``rows`` hold its selected rows) as ``"selection"``. Returns what
+    summary.json holds.
 
     Never replaces a summary by one that lacks some of its ensembles, or by an empty one (``StoreError``, the
     old files left as they were): a reduce of an interrupted import, or of a folder that lost a manifest, must
@@ -575,12 +601,14 @@ def write_summary(store: RunStore, rows: list[dict], *, skipped: list[str] | Non
         raise StoreError(f"rows of several KLOM definitions ({', '.join(klom_versions)}) cannot share one summary")
     summary = {"run": info["run"], "identity": info["identity"], "klom_version": klom_versions[0],
                "versions": summary_versions(u.meta for u in store.completed_units().values()),
-               "metrics": metrics_record(rows)}
+               "metrics": metrics_record([r for r in rows if not r.get("selection")])}  # the full ensembles
     for direction in DIRECTIONS[1:]:
         if klom_versions[0] == klom_version_of(direction):
             summary["kl_direction"] = direction
     if settings:  # once for the summary (rows with an interval name them too, as reduce_run gave them)
         summary["bootstrap"] = next(iter(settings.values()))
+    if selection is not None:
+        summary["selection"] = selection
     summary["rows"] = rows
     store.write_bytes(store.path("summary.json"), json.dumps(summary, indent=2).encode())
     return summary

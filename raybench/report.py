@@ -89,7 +89,23 @@ def _entries(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """A fixed-width table of P95 KLOM and top-1 accuracy per split, with degenerate-sample counts flagged."""
+    """A fixed-width table of P95 KLOM and top-1 accuracy per split, with degenerate-sample counts flagged; the
+    rows of ``--select`` (``selection`` set) in a second table under it, since they score half the ensembles."""
+    full, selected = _split_selected(rows)
+    text = _table(full)
+    if selected:
+        rules = ", ".join(sorted({r["selection"] for r in selected}))
+        text += (f"\n\nselected by {rules} on a tuning half of the models and oracles, scored on the other half "
+                 "(N/2: not comparable with the rows above):\n" + _table(selected))
+    return text
+
+
+def _split_selected(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the full rows, the rows ``--select`` added): the second are halves of ensembles the first hold."""
+    return [r for r in rows if not r.get("selection")], [r for r in rows if r.get("selection")]
+
+
+def _table(rows: list[dict]) -> str:
     keyed = _entries(rows)
     header = (f"{'forget':>6} {'method':<16} {'params':<28} {'ep':>3} {'N':>5}  "
               + "  ".join(f"{'P95 ' + s:>11}" for s in SPLITS) + "  "
@@ -772,6 +788,51 @@ def _p95_table(rows: list[dict], forget_set: str) -> str:
     return f"<table>{head}\n" + "\n".join(body) + "</table>"
 
 
+def _selection_table(record: dict, forget_set: str) -> str:
+    """What ``--select`` chose per method of one forget set: the choice, its P95 on the scoring half, and what
+    the leaky choices (best on all the oracles, or on the scoring half itself) report instead."""
+    rule = record.get("rule", "?")
+    choices = [c for c in record.get("choices", []) if c.get("forget_set") == forget_set]
+    if not choices:
+        return "<p class='note'>No selection for this forget set.</p>"
+    head = ("<tr><th>method</th><th>candidates</th><th>chosen (tuning half)</th>"
+            + "".join(f"<th>P95 {s} (scoring half)</th>" for s in SPLITS)
+            + f"<th>{_esc(rule)}: honest</th><th>leaky on the scoring half</th><th>flattery</th>"
+            "<th>leaky on all oracles (choice, value)</th></tr>")
+    body = []
+    for c in choices:
+        leaky, half = c["leaky"], c["leaky_scoring_half"]
+        swept = _swept(record.get("candidates", []), forget_set, c["method"])
+        cls = ' class="ref"' if c["method"] in ("do_nothing", FLOOR) else ""
+        body.append(f"<tr{cls}><td class='l'>{_esc(c['method'])}</td><td>{_esc(c['candidates'])}</td>"
+                    f"<td class='l' title='{_esc(c['params'])}'>{_esc(swept(c['params']))}ep {_esc(c['epoch'])}</td>"
+                    + "".join(f"<td>{_fmt(c['scoring'].get(s))}</td>" for s in SPLITS)
+                    + f"<td>{_fmt(c['scoring']['rule'])}</td><td title='{_esc(half['params'])}'>"
+                    f"{_fmt(half['rule'])} ({_esc(swept(half['params']))}ep {_esc(half['epoch'])})</td>"
+                    f"<td>{_fmt(c['flattery'])}</td><td class='l' title='{_esc(leaky['params'])}'>"
+                    f"{_esc(swept(leaky['params']))}ep {_esc(leaky['epoch'])}: {_fmt(leaky['rule'])}</td></tr>")
+    return (f"<p>Each method's params and epoch chosen by <code>{_esc(rule)}</code> ({_esc(record.get('minimises'))}) "
+            f"on a tuning half of the models and oracles, scored on the disjoint other half (N = "
+            f"{_esc(record.get('n_models'))} models, {_esc(record.get('n_oracles'))} oracles: not comparable with "
+            "the table above). <i>Leaky on the scoring half</i>: the best candidate picked by the numbers that score "
+            "it, at the same N; <i>flattery</i> is how much lower that reads than the honest choice. <i>Leaky on all "
+            "oracles</i>: the choice and value the table above suggests, at the full N. Rows with "
+            "<code>selection</code> in summary.csv (docs/metrics.md#selection-without-leaking).</p>"
+            f"<table>{head}\n" + "\n".join(body) + "</table>")
+
+
+def _swept(candidates: list[dict], forget_set: str, method: str):
+    """A labeller of one method's params that names only the parameters its candidates vary ("lr=0.01 · ")."""
+    params = [json.loads(c["params"]) for c in candidates if (c.get("forget_set"), c.get("method")) == (forget_set,
+                                                                                                          method)]
+    keys = sorted({k for p in params for k in p if len({json.dumps(q.get(k)) for q in params}) > 1})
+
+    def label(text: str) -> str:
+        p = json.loads(text)
+        return "".join(f"{k}={p.get(k)} · " for k in keys)
+    return label
+
+
 def _metric_value(by_split: dict[str, dict], column: str) -> str:
     """One metric of one entry: its value once where every split row that has one agrees (the metrics are
     computed on a split or over all three), else per split."""
@@ -872,7 +933,8 @@ def write_report(store: RunStore, summary: dict) -> str:
     """``report.html`` and ``plots/*.png`` in the run folder, from a summary (``summary.json``'s content) and
     whatever else the folder holds (per_sample/, convergence.csv); every section the folder lacks says so.
     Returns the page's path."""
-    rows = summary["rows"]
+    all_rows = summary["rows"]
+    rows, _ = _split_selected(all_rows)  # every plot and table but the selection's reads the full ensembles
     forget_sets = list(dict.fromkeys(r["forget_set"] for r in rows))
     page = _Page(store)
     direction = summary.get("kl_direction") or "unlearned-oracle"
@@ -905,6 +967,10 @@ def write_report(store: RunStore, summary: dict) -> str:
         part.append(page.image(f"p95_forget_set_{slug}.png", p95_figure(rows, fs), f"P95 KLOM, forget set {fs}",
                                "P95 of per-sample KLOM from 0; whiskers: the bootstrap interval where computed; "
                                f"dotted: the floor ({_esc(floor_text or 'not measured in this run')})."))
+
+        if isinstance(summary.get("selection"), dict):
+            part.append("<h3>Selection without leaking</h3>")
+            part.append(_selection_table(summary["selection"], fs))
 
         part.append("<h3>Compute against KLOM</h3>")
         plot = compute_figure(rows, fs)
@@ -964,13 +1030,13 @@ def write_report(store: RunStore, summary: dict) -> str:
     base = ["forget_set", "method", "params", "epoch", "split", "n_models", "n_oracles", "n_samples", "klom_mean",
             "klom_p50", "klom_p95", "klom_p99", "klom_degenerate", "accuracy", "oracle_accuracy", "grad_samples"]
     extra = [c for c in (*CI_COLUMNS, *METRIC_COLUMNS) if any(c in r for r in rows)]
-    columns = base + extra + ["compute_s"]
+    columns = base + extra + ["compute_s"] + (["selection"] if len(all_rows) > len(rows) else [])
 
     def cell(value: object) -> str:
         text = f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
         return f"<td>{html.escape(text)}</td>"
 
-    full = "\n".join("<tr>" + "".join(cell(r.get(c)) for c in columns) + "</tr>" for r in rows)
+    full = "\n".join("<tr>" + "".join(cell(r.get(c)) for c in columns) + "</tr>" for r in all_rows)
     identity = _esc(json.dumps(summary.get("identity", {}), indent=2, sort_keys=True))
     bootstrap = summary.get("bootstrap")
     ci_text = ("Intervals: " + _esc(", ".join(f"{k} = {v}" for k, v in bootstrap.items())) + " (docs/metrics.md)."
@@ -1006,7 +1072,7 @@ recipe already differ by the noise floor (the <code>{FLOOR}</code> row), so read
 {degenerate}
 {''.join(sections)}
 <h2 id="rows">All rows</h2>
-<details open><summary>{len(rows)} rows of summary.json</summary><div class="wide">
+<details open><summary>{len(all_rows)} rows of summary.json</summary><div class="wide">
 <table><tr>{''.join(f'<th>{_esc(c)}</th>' for c in columns)}</tr>
 {full}
 </table></div></details>

@@ -18,6 +18,7 @@ LAYERS = [
     {"plan"},
     {"sources", "units", "reduce", "report"},
     {"engine", "score", "convergence", "compare"},
+    {"selection"},  # subsamples as convergence does, scores as reduce does
     {"pipeline"},
     {"cli", "__init__"},
     {"__main__"},
