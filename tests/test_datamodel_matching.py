@@ -80,7 +80,7 @@ def test_moves_forget_outputs_towards_the_datamodels_prediction(world):
     y_f = world.data.y_forget
     drop = (logits(world.originals, x) - logits(out, x))[:, torch.arange(len(y_f)), y_f].mean(1)
     assert (drop > 2.0).all()
-    xr, yr = world.data.x_retain, world.data.y_retain
+    xr = world.data.x_retain
     agree = (logits(out, xr).argmax(-1) == logits(world.originals, xr).argmax(-1)).float().mean()
     assert agree > 0.97
     # the scale multiplies the effect: half the effect, about half the drop

@@ -11,8 +11,18 @@ from importlib.metadata import entry_points
 
 from raybench import spec
 from raybench.ids import canonical_json
-from raybench.methods import (ascent, builtin, datamodel_matching, influence, oracle_matching, relabel, retrain, rum,
-                              scrub, sparse)
+from raybench.methods import (
+    ascent,
+    builtin,
+    datamodel_matching,
+    influence,
+    oracle_matching,
+    relabel,
+    retrain,
+    rum,
+    scrub,
+    sparse,
+)
 from raybench.methods.base import Method, MethodFn, Snapshots, UnlearnData, per_model_batches, stacked_cross_entropy
 
 __all__ = [
@@ -157,7 +167,8 @@ def expand_grid(method: Method, overrides: dict) -> list[dict]:
     """Every parameter combination: overrides replace defaults; a list value is a sweep over its items.
 
     Each value is checked against the parameter's spec (``Method.spec_of``) and comes back normalised (a real as
-    a float), then each combination by the method's own ``normalise`` if it has one. A sweep that lists a value twice, or no value, is refused: it would plan one unit twice (or none).
+    a float), then each combination by the method's own ``normalise`` if it has one. A sweep that lists a value
+    twice, or no value, is refused: it would plan one unit twice (or none).
     ``epochs`` (the snapshots to take) is a list by nature, not a sweep.
     """
     unknown = sorted(set(overrides) - set(method.defaults) - {"epochs"})

@@ -126,10 +126,8 @@ def rum(stack: StackedModel, data: UnlearnData, params: dict, epochs: Sequence[i
         run_epochs = (params[f"{group}_params"]["epochs"],)
         step = dataclasses.replace(data, forget_idx=forget, retain_idx=retain_idx, oracles=None,
                                    datamodel_effect=None, scores=None)
-        last = None
-        for _, last in method.fn(stack, step, group_params, run_epochs, model_seed(seed, "rum", group)):
-            pass
-        if last is None:
+        snapshots = list(method.fn(stack, step, group_params, run_epochs, model_seed(seed, "rum", group)))
+        if not snapshots:
             raise RuntimeError(f"rum: {method.name} yielded no model for the {group} group")
-        stack = last
+        stack = snapshots[-1][1]
     yield epoch, stack
