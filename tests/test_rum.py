@@ -209,6 +209,11 @@ def test_bad_group_settings_are_refused_by_the_config_check(params, message):
         load_config(None, methods="rum", params={"rum": params})
 
 
+def test_a_group_without_epochs_runs_its_methods_last_default_snapshot():
+    params = rum_params(high_method="gradient_ascent", high_params={"lr": 0.01})
+    assert params["high_params"] == {"lr": 0.01, "forget_batch_size": 64, "epochs": 10, "method_version": 1}
+
+
 def test_a_sweep_over_group_tables_plans_one_run_each():
     grid = expand_grid(get_method("rum"), {"mid_params": [{"lr": 0.1}, {"lr": 0.05}]})
     assert [g["mid_params"]["lr"] for g in grid] == [0.1, 0.05]

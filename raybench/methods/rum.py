@@ -85,7 +85,8 @@ def normalise_params(params: dict, lookup: Lookup | None = None) -> dict:
                              "(a list of tables)")
         try:
             (full,) = expand_grid(method, given)
-            epochs = snapshot_epochs(method, given)
+            # no epochs given: the method's own run length (its last default snapshot)
+            epochs = snapshot_epochs(method, given) if "epochs" in given else (max(method.default_epochs),)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         if len(epochs) != 1:
