@@ -23,7 +23,7 @@ MAX_MODELS = 100_000
 largest published KLOM ensembles, and small enough that planning (seeds, unit lists) stays instant. A typo such
 as ``--n-models 1000000000`` is refused rather than left to fill the driver's memory."""
 
-KINDS = ("int", "float", "bool", "str", "choice")
+KINDS = ("int", "float", "bool", "str", "choice", "object")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ class Param:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
             return value
+        if self.kind == "object":  # its entries are a method's business (``Method.normalise``)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"{name} must be a table (a JSON object with string keys), got {value!r}")
+            return dict(value)
         if self.kind == "str":
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {value!r}")
@@ -120,6 +124,11 @@ def boolean() -> Param:
 
 def string() -> Param:
     return Param("str")
+
+
+def table() -> Param:
+    """A JSON object (a TOML table) of further parameters, e.g. the parameters of a method that another calls."""
+    return Param("object")
 
 
 def choice(*values: object) -> Param:

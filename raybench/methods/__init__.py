@@ -11,7 +11,18 @@ from importlib.metadata import entry_points
 
 from raybench import spec
 from raybench.ids import canonical_json
-from raybench.methods import ascent, builtin, influence, oracle_matching, relabel, retrain, scrub, sparse
+from raybench.methods import (
+    ascent,
+    builtin,
+    datamodel_matching,
+    influence,
+    oracle_matching,
+    relabel,
+    retrain,
+    rum,
+    scrub,
+    sparse,
+)
 from raybench.methods.base import Method, MethodFn, Snapshots, UnlearnData, per_model_batches, stacked_cross_entropy
 
 __all__ = [
@@ -76,6 +87,14 @@ _BUILTIN = [
            param_specs={"lr": _LR, "weight_decay": spec.real(0), "gamma": spec.real(0, 1, low_open=True),
                         "batch_size": _BATCH, "forget_multiplier": spec.real(0), "retain_multiplier": spec.real(0),
                         "num_oracles": spec.integer(1, spec.MAX_MODELS), "pairing": spec.choice("mean", "per_model")}),
+    Method("datamodel_matching", datamodel_matching.datamodel_matching,
+           "OM's loop onto the originals' logits minus the datamodel's effect of F (DMM; no oracle)",
+           defaults={"lr": 1e-3, "weight_decay": 0.0, "gamma": 0.95, "batch_size": 64, "forget_multiplier": 5.0,
+                     "retain_multiplier": 20.0, "scale": 1.0},
+           default_epochs=(4, 10), needs_datamodel=True,
+           param_specs={"lr": _LR, "weight_decay": spec.real(0), "gamma": spec.real(0, 1, low_open=True),
+                        "batch_size": _BATCH, "forget_multiplier": spec.real(0), "retain_multiplier": spec.real(0),
+                        "scale": spec.real()}),
 ]
 
 
@@ -148,7 +167,8 @@ def expand_grid(method: Method, overrides: dict) -> list[dict]:
     """Every parameter combination: overrides replace defaults; a list value is a sweep over its items.
 
     Each value is checked against the parameter's spec (``Method.spec_of``) and comes back normalised (a real as
-    a float). A sweep that lists a value twice, or no value, is refused: it would plan one unit twice (or none).
+    a float), then each combination by the method's own ``normalise`` if it has one. A sweep that lists a value
+    twice, or no value, is refused: it would plan one unit twice (or none).
     ``epochs`` (the snapshots to take) is a list by nature, not a sweep.
     """
     unknown = sorted(set(overrides) - set(method.defaults) - {"epochs"})
@@ -175,7 +195,15 @@ def expand_grid(method: Method, overrides: dict) -> list[dict]:
                                  "(each one is its own set of units)")
             seen.add(text)
         axes.append(checked)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]
+    grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]
+    if method.normalise is None:
+        return grid
+    grid = [method.normalise(params) for params in grid]
+    texts = [canonical_json(params) for params in grid]
+    if len(set(texts)) != len(texts):  # e.g. two group tables that differ only by a default written out
+        twice = next(t for t in texts if texts.count(t) > 1)
+        raise ValueError(f"{method.name}: two swept values give the same parameters {twice}; list each once")
+    return grid
 
 
 def snapshot_epochs(method: Method, overrides: dict) -> tuple[int, ...]:
@@ -201,3 +229,15 @@ def snapshot_epochs(method: Method, overrides: dict) -> tuple[int, ...]:
 
 def params_json(params: dict) -> str:
     return canonical_json(params)
+
+
+# rum last: its defaults are normalised by the registry's own helpers (expand_grid over its group methods), so
+# the rows above and the functions of this module must exist first.
+_RUM_GROUPS = {"low_method": "do_nothing", "low_params": {}, "mid_method": "finetune",
+               "mid_params": {"lr": 0.1, "epochs": 5}, "high_method": "salun", "high_params": {"epochs": 3}}
+_BUILTIN.append(Method(
+    "rum", rum.rum, "RUM: F split into memorisation thirds, unlearned low -> mid -> high, a method per group",
+    defaults=rum.normalise_params(_RUM_GROUPS, {m.name: m for m in _BUILTIN}.__getitem__),
+    default_epochs=(1,), one_snapshot=True, needs_scores=True, normalise=rum.normalise_params,
+    param_specs={f"{g}_{k}": spec.string() if k == "method" else spec.table()
+                 for g in rum.GROUPS for k in ("method", "params")}))

@@ -37,6 +37,13 @@ class UnlearnData:
     # For oracle-matching methods only: K oracles trained on the retain set, *disjoint* from the oracles that
     # score KLOM (docs/methods.md#oracle_matching), as one stack. None unless the method declares ``needs_oracles``.
     oracles: StackedModel | None = None
+    # For datamodel matching only: the datamodel's summed effect of F on the logits of every train sample,
+    # (n_train, C) float32 indexed by train sample id (docs/methods.md#datamodel_matching). None unless the method
+    # declares ``needs_datamodel``.
+    datamodel_effect: torch.Tensor | None = None
+    # For RUM only: the memorisation score of every train sample, (n_train,) float32, higher = more memorised
+    # (docs/methods.md#rum). None unless the method declares ``needs_scores``.
+    scores: torch.Tensor | None = None
 
     @property
     def x_forget(self) -> torch.Tensor:
@@ -76,9 +83,15 @@ class Method:
     defaults: dict = field(default_factory=dict)
     default_epochs: tuple[int, ...] = (0,)
     needs_oracles: bool = False  # if True, params must hold "num_oracles" and data.oracles is that many oracles
+    needs_datamodel: bool = False  # if True, data.datamodel_effect holds the datamodel's summed effect of F
+    needs_scores: bool = False  # if True, data.scores holds every train sample's memorisation score
     one_snapshot: bool = False  # produces one result (no trajectory): exactly one snapshot epoch may be asked
     version: int = 1
     param_specs: dict[str, Param] = field(default_factory=dict)
+    # Checks a whole parameter combination beyond what per-parameter specs can (e.g. that rum's group methods
+    # take the group parameters given) and returns it normalised; ValueError if it does not fit. Must be
+    # idempotent: the defaults are returned unchanged.
+    normalise: Callable[[dict], dict] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:

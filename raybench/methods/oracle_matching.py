@@ -42,16 +42,22 @@ def matching_indices(forget_idx: torch.Tensor, retain_idx: torch.Tensor, forget_
 
 
 @torch.no_grad()
+def eval_logits(models: StackedModel, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits (K, n, C) float32 of each of the K models on ``x`` in eval mode (their mode is restored), without
+    gradients: targets that the fine-tuning must not move."""
+    was_training = models.training
+    models.eval()
+    try:
+        return torch.cat([models(x[s:s + batch_size]).float() for s in range(0, len(x), batch_size)], dim=1)
+    finally:
+        models.train(was_training)
+
+
 def oracle_targets(oracles: StackedModel, x: torch.Tensor, batch_size: int = 4096, *,
                    per_model: bool = False) -> torch.Tensor:
     """Logits of the K oracles on ``x`` in eval mode (their mode is restored): their mean (n, C), or with
     ``per_model`` each oracle's own (K, n, C)."""
-    was_training = oracles.training
-    oracles.eval()
-    try:
-        out = torch.cat([oracles(x[s:s + batch_size]).float() for s in range(0, len(x), batch_size)], dim=1)
-    finally:
-        oracles.train(was_training)
+    out = eval_logits(oracles, x, batch_size)
     return out if per_model else out.mean(0)
 
 
@@ -77,13 +83,29 @@ def oracle_matching(stack: StackedModel, data: UnlearnData, params: dict, epochs
     ids = matching_indices(data.forget_idx, data.retain_idx, params["forget_multiplier"],
                            params["retain_multiplier"], seed)
     x = data.x_train[ids]
-    target = oracle_targets(oracles, x, per_model=per_model).to(dtype=next(stack.parameters()).dtype)
+    target = oracle_targets(oracles, x, per_model=per_model)
+    yield from match_logits(stack, x, target, params, epochs, seed)
+
+
+def match_logits(stack: StackedModel, x: torch.Tensor, target: torch.Tensor, params: dict, epochs: Sequence[int],
+                 seed: int) -> Snapshots:
+    """The matching loop shared by OM and DMM: fine-tune the stack so that its logits on ``x`` regress onto
+    ``target``, one common target (n, C) or one per student (M, n, C), yielding at each of ``epochs``.
+
+    MSE averaged over batch × classes, summed over models; Adam(``lr``, ``weight_decay``), ExponentialLR(``gamma``)
+    stepped per epoch, batches of ``batch_size`` drawn by ``per_model_batches``, student in train mode.
+    """
+    per_model = target.dim() == 3
+    if target.shape[-2] != len(x) or (per_model and target.shape[0] != stack.n_models):
+        raise ValueError(f"matching targets of shape {tuple(target.shape)} do not fit {stack.n_models} students "
+                         f"on {len(x)} samples")
+    target = target.to(dtype=next(stack.parameters()).dtype)
     rows = torch.arange(stack.n_models, device=x.device)[:, None]
     optimizer = torch.optim.Adam(stack.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=params["gamma"])
     stack.train()
     for epoch in range(1, max(epochs) + 1):
-        for idx in per_model_batches(len(ids), params["batch_size"], stack.seeds, seed, epoch, x.device):
+        for idx in per_model_batches(len(x), params["batch_size"], stack.seeds, seed, epoch, x.device):
             logits = stack(x[idx])
             # sum over models of each model's MSE averaged over its batch × classes
             goal = target[rows, idx] if per_model else target[idx]
