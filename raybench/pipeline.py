@@ -9,6 +9,7 @@ scores the folder through whatever task mapper it is given (Ray tasks on a multi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -16,14 +17,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybench.config import ConfigError, RunConfig, build_config, validate
+from raybench.config import ConfigError, RunConfig, build_config, check_subsets_table, validate
 from raybench.data import Dataset, ForgetSet, load_dataset
 from raybench.engine import EngineError, RunReport, cluster_for_reduce, map_tasks, run_units, start_ray
-from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, plan_method_runs, source_units
+from raybench.ids import digest
+from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, plan_method_runs, source_units, subset_units
 from raybench.reduce import reduce_run, write_summary
 from raybench.report import write_report
 from raybench.sources import Source, SourceError, source_for
+from raybench.sources.trained import TrainedSource
 from raybench.store import RunStore, StoreError
+from raybench.subsets import analyse, write_masks
 from raybench.versions import collect_versions
 
 log = logging.getLogger(__name__)
@@ -199,6 +203,79 @@ def summarize(store: RunStore, *, direction: str | None = None, n_boot: int | No
     store.write_per_sample(samples, metadata={"run": summary["run"], "klom_version": summary["klom_version"],
                                               "summary_csv_sha256": csv_digest})
     return summary, write_report(store, summary)
+
+
+# -- subset ensembles ---------------------------------------------------------------------------------------------
+@dataclass
+class SubsetResult:
+    """What ``raybench subsets`` did: the folder, the engine's report and subsets.json's content."""
+
+    store: RunStore
+    report: RunReport
+    record: dict
+
+
+def subset_config(config: RunConfig) -> tuple[RunConfig, int, float]:
+    """The run config of a subset ensemble (K models, one role, no forget set or method), K and the fraction
+    (``[subsets]`` with its defaults)."""
+    table = check_subsets_table(config.subsets)
+    if config.source != "trained":
+        raise ConfigError(f"raybench subsets trains its models; source {config.source!r} cannot provide them")
+    k, fraction = table["n_models"], table["fraction"]
+    sub = dataclasses.replace(config, n_models=k, n_oracles=None, forget_sets=(), methods=("do_nothing",),
+                              params={}, floor=False, scores="", subsets=table)
+    if not sub.out:
+        key = {**sub.identity(), "subsets": table}
+        sub = dataclasses.replace(sub, out=str(Path("runs") / f"{config.dataset}-subsets-{digest(key, 8)}"))
+    return sub, k, fraction
+
+
+def subset_identity(config: RunConfig, dataset: Dataset, n_models: int, fraction: float) -> dict:
+    """A subset run's identity: the trained source's (data, architecture, recipe, seeds, fingerprint) plus
+    K and the fraction, so a folder never mixes two fractions and no `raybench run` resumes into it."""
+    return {**TrainedSource().identity(config, dataset), "subsets": {"n_models": n_models, "fraction": fraction}}
+
+
+def subsets(config: RunConfig, *, verbose: bool = False, progress: Callable[[str], None] | None = None,
+            kill_after: Callable[[Unit], bool] | None = None) -> SubsetResult:
+    """``raybench subsets``: train the subset ensemble (K models, each on its seed's random fraction of the train
+    set) through the engine like any run (stacked blocks, Parquet margins, resumable: finished units are
+    skipped), then write its memorisation and datamodel (``raybench.subsets.analyse``)."""
+    config, k, fraction = subset_config(config)
+    t0 = time.perf_counter()
+    store = RunStore(config.output_uri())
+    say = progress or (lambda msg: log.info(msg))
+    with store.lock():
+        dataset = _load_dataset(config)
+        identity = subset_identity(config, dataset, k, fraction)
+        run_id = store.open_run(identity, collect_versions())
+        TrainedSource().record_dataset(store, dataset)
+        units = subset_units(config, identity, k, fraction)
+        write_masks(store, [s for u in units for s in u.seeds], fraction, dataset.n_train)
+        store.clean_uncommitted()
+        done = store.completed_units()
+        store.verify_units(done[u.id] for u in units if u.id in done)
+        todo = [u for u in units if u.id not in done]
+        report = RunReport(run_id, store.uri, len(units), len(units) - len(todo), 0)
+        if report.units_skipped:
+            say(f"resuming {store.uri}: {report.units_skipped} of {len(units)} subset units already complete, "
+                f"skipped; {len(todo)} to run")
+        if todo:
+            owns_ray = start_ray(config, verbose)
+            try:
+                run_units(todo, Plan(config, {}, (), tuple(units)), dataset, store, run_id, {}, report, say,
+                          kill_after=kill_after)
+            finally:
+                if owns_ray:
+                    import ray
+
+                    ray.shutdown()
+        if report.failed:
+            raise EngineError(f"{len(report.failed)} subset unit(s) failed (the rest are saved; rerun to retry)")
+        say(f"memorisation and datamodel of {k} subset models")
+        record = analyse(store, dataset.y_train, seed=config.seed)
+    report.wall_s = time.perf_counter() - t0
+    return SubsetResult(store, report, record)
 
 
 # -- imports without a run ---------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def matching_oracle_count(config: RunConfig, method_runs: list[MethodRun]) -> in
 
 
 TRAIN_STREAMS = {"original": "original", "oracle": "oracle", "matching_oracle": "matching_oracle",
-                 "unlearned": "floor_oracle"}
+                 "unlearned": "floor_oracle", "subset": "subset"}
 """The seed stream of each trained ensemble (``ids.ensemble_seeds``): disjoint, so no two ensembles share a model;
 the floor's stream is named after what it is, oracles with their own seeds."""
 
@@ -157,6 +157,26 @@ def _trained(config: RunConfig, request: Ensemble, ids: range, fs_digest: str | 
         unit_id = digest({**key, "seeds": seeds, "identity": identity, "versions": versions})
         units.append(Unit(unit_id, "train", request.role, request.forget_set, block, seeds, request.method,
                           code_versions=versions))
+    return units
+
+
+SUBSET_ROLE = "subset"
+
+
+def subset_units(config: RunConfig, identity: dict, n_models: int, fraction: float) -> list[Unit]:
+    """Train units of a subset ensemble (``raybench subsets``): ``n_models`` models in blocks, seeds from their own
+    stream, each trained on the ``fraction`` of the train set its seed picks (``data.subset_indices``), so a
+    model's mask does not depend on which models share its block. ``params`` carries the fraction to the worker;
+    the id hashes it with the seeds, the run identity and the code versions."""
+    all_seeds = ensemble_seeds(config.seed, TRAIN_STREAMS[SUBSET_ROLE], n=n_models)
+    units = []
+    for block in id_blocks(0, n_models, config.block_size):
+        seeds = tuple(all_seeds[i] for i in block)
+        versions = train_versions()
+        unit_id = digest({"kind": "train", "role": SUBSET_ROLE, "fraction": fraction, "seeds": seeds,
+                          "identity": identity, "versions": versions})
+        units.append(Unit(unit_id, "train", SUBSET_ROLE, NO_FORGET_SET, block, seeds,
+                          params={"fraction": fraction}, code_versions=versions))
     return units
 
 

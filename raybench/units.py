@@ -13,12 +13,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raybench.data import Dataset
+from raybench.data import Dataset, subset_indices
 from raybench.methods import UnlearnData, get_method
 from raybench.models import StackedModel, build_stack, concat_stacks, grad_samples, reset_grad_samples
 from raybench.plan import Unit
 from raybench.store import Manifest, NonFiniteMargins, RunStore, margins_table
-from raybench.training import Recipe, compute_scores, train_stack
+from raybench.training import (
+    Recipe,
+    compute_logits,
+    compute_scores,
+    margins_from_logits,
+    top1_margins_from_logits,
+    train_stack,
+)
 from raybench.versions import collect_versions
 
 log = logging.getLogger(__name__)
@@ -84,7 +91,23 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     compute_s = 0.0
     work = []  # per snapshot: samples per model forwarded with gradients so far, compute seconds so far
     reset_grad_samples()
-    if unit.kind == "train":
+    if unit.kind == "train" and unit.role == "subset":
+        stack = ctx.new_stack(unit.seeds)
+        fraction = float(unit.params["fraction"])
+        rows = torch.tensor(np.stack([subset_indices(s, fraction, ctx.dataset.n_train) for s in unit.seeds]),
+                            device=ctx.device)
+        train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe, subsets=rows)
+        compute_s = time.perf_counter() - t0
+        work.append((grad_samples(), compute_s))
+        logits = compute_logits(stack, ctx.x_train, ctx.y_train)
+        # the logit datamodel's input, written before the unit reports success (as checkpoints are)
+        ctx.store.write_array(ctx.store.subset_logits_path(unit.id), logits.numpy())
+        y = ctx.y_train.cpu()
+        train = (margins_from_logits(logits, y).numpy(), top1_margins_from_logits(logits, y).numpy())
+        val = compute_scores(stack, ctx.x_val, ctx.y_val)
+        tables.append(_table(unit, ctx, ctx.recipe.epochs, ({"train": train[0], "val": val[0]},
+                                                            {"train": train[1], "val": val[1]})))
+    elif unit.kind == "train":
         stack = ctx.new_stack(unit.seeds)
         if unit.role == "original":
             train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe)

@@ -37,6 +37,12 @@ class UnlearnData:
     # For oracle-matching methods only: K oracles trained on the retain set, *disjoint* from the oracles that
     # score KLOM (docs/methods.md#oracle_matching), as one stack. None unless the method declares ``needs_oracles``.
     oracles: StackedModel | None = None
+    # For datamodel methods only: (n_train, C) float32, the datamodel's summed effect of the forget set on the
+    # logits of every train sample; None unless the method declares ``needs_datamodel``.
+    datamodel_effect: torch.Tensor | None = None
+    # For score-driven methods only: (n_train,) float32 memorisation of every train sample (higher = more
+    # memorised); None unless the method declares ``needs_scores``.
+    scores: torch.Tensor | None = None
 
     @property
     def x_forget(self) -> torch.Tensor:
@@ -76,6 +82,8 @@ class Method:
     defaults: dict = field(default_factory=dict)
     default_epochs: tuple[int, ...] = (0,)
     needs_oracles: bool = False  # if True, params must hold "num_oracles" and data.oracles is that many oracles
+    needs_datamodel: bool = False  # if True, data.datamodel_effect is the forget set's effect (needs --scores)
+    needs_scores: bool = False  # if True, data.scores holds every train sample's memorisation (needs --scores)
     one_snapshot: bool = False  # produces one result (no trajectory): exactly one snapshot epoch may be asked
     version: int = 1
     param_specs: dict[str, Param] = field(default_factory=dict)
