@@ -125,7 +125,11 @@ def _config_options(fn):
         click.option("--arch", help="Model architecture (default: the data set's)."),
         click.option("--n-models", type=int, help="Originals and oracles per forget set (default 100)."),
         click.option("--n-oracles", type=int, help="Oracles per forget set that score the methods (default N)."),
-        click.option("--forget-sets", help="Comma-separated built-in ids or .npy/.txt files (default 1,2,3)."),
+        click.option("--forget-sets", help="Comma-separated built-in ids or .npy/.txt files (default 1,2,3); with "
+                     "--scores also mem_low, mem_mid, mem_high, mem_mix (groups by memorisation)."),
+        click.option("--scores", help="A subset run folder (`raybench subsets`): its memorisation scores define the "
+                     "mem_* forget sets, and its datamodel feeds methods that need one."),
+        click.option("--mem-size", type=int, help="Samples per difficulty group (default 50; mem_mix holds three)."),
         click.option("--param", "params", multiple=True,
                      help="Method parameter METHOD.NAME=VALUE; several values (comma-separated) sweep."),
         click.option("--block-size", type=int, help="Models per Ray call, trained stacked (default 50)."),

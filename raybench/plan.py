@@ -229,8 +229,32 @@ def source_units(config: RunConfig, source: Source, identity: dict, forget_sets:
     return units
 
 
+def needs_subset_run(method: Method) -> str | None:
+    """What a method needs from ``--scores SUBSET_RUN`` ("a datamodel", "memorisation scores"), None if nothing."""
+    if method.needs_datamodel:
+        return "a datamodel"
+    if method.needs_scores:
+        return "memorisation scores"
+    return None
+
+
+def unavailable_methods(config: RunConfig) -> list[str]:
+    """Methods of ``--methods all`` dropped because the run has no ``--scores`` (what they need), as one-line
+    reasons; the run says each one (``plan_method_runs`` drops them)."""
+    if config.scores or list(config.methods) != ["all"]:
+        return []
+    try:
+        methods = resolve_methods(config.methods)
+    except ValueError:
+        return []
+    return [f"{m.name} skipped: it needs {need}; give --scores SUBSET_RUN" for m in methods
+            if (need := needs_subset_run(m))]
+
+
 def plan_method_runs(config: RunConfig) -> list[MethodRun]:
-    """Every (method, parameter combination) of the run, with its snapshot epochs."""
+    """Every (method, parameter combination) of the run, with its snapshot epochs. Without ``--scores``, a
+    method that needs a subset run's datamodel or scores is dropped from ``all`` (``unavailable_methods`` says
+    which) and refused when named."""
     try:
         methods = resolve_methods(config.methods)
     except ValueError as err:
@@ -238,6 +262,13 @@ def plan_method_runs(config: RunConfig) -> list[MethodRun]:
     unknown = sorted(set(config.params) - {m.name for m in methods})
     if unknown:
         raise ConfigError(f"parameters given for method(s) not in this run: {', '.join(unknown)}")
+    if not config.scores:
+        named = list(config.methods) != ["all"]
+        for method in methods:
+            need = needs_subset_run(method)
+            if need and named:
+                raise ConfigError(f"{method.name} needs {need}: give --scores SUBSET_RUN")
+        methods = [m for m in methods if not needs_subset_run(m)]
     method_runs = []
     for method in methods:
         overrides = config.params.get(method.name, {})
@@ -268,12 +299,14 @@ def check_unit_sizes(config: RunConfig, method_runs: list[MethodRun], n_samples:
 
 
 def make_plan(config: RunConfig, dataset: Dataset | None, forget_sets: dict[str, ForgetSet], source: Source,
-              identity: dict) -> Plan:
+              identity: dict, inputs: MethodInputs | None = None) -> Plan:
     """All units of ``config``, originals first, then per forget set its oracles, matching oracles and floor, then
     unlearning (a valid execution order). ``forget_sets`` and ``identity`` are the source's; an unlearn unit
     depends on the originals' unit it starts from and, for a method that matches oracles, on the matching
     oracles' units, as the method declares (``Method.needs_oracles``; ``do_nothing``, with no ``fn``, needs
-    nothing and has no units)."""
+    nothing and has no units). ``inputs``: digests of what ``--scores`` hands methods that declare
+    ``needs_datamodel`` / ``needs_scores``; they enter those methods' unit ids, so another subset run recomputes
+    them."""
     method_runs = plan_method_runs(config)
     if dataset is not None:
         check_unit_sizes(config, method_runs, dataset.n_train + dataset.n_val)
@@ -295,14 +328,40 @@ def make_plan(config: RunConfig, dataset: Dataset | None, forget_sets: dict[str,
                 # the recipe is in the id because methods read it (batch sizes, weight decay); for trained
                 # originals it is also in their id, for imported ones it is not
                 versions = unlearn_versions(run.method)
-                unit_id = digest({"kind": "unlearn", "method": run.method.name, "params": run.params,
-                                  "epochs": run.epochs, "forget": fs_digest, "depends": (original.id, *needs),
-                                  "method_seed": method_seed, "recipe": recipe, "versions": versions})
+                key = {"kind": "unlearn", "method": run.method.name, "params": run.params, "epochs": run.epochs,
+                       "forget": fs_digest, "depends": (original.id, *needs), "method_seed": method_seed,
+                       "recipe": recipe, "versions": versions}
+                key.update(_input_digests(run.method, fs.id, inputs))
+                unit_id = digest(key)
                 units.append(Unit(unit_id, "unlearn", "unlearned", fs.id, original.model_ids, original.seeds,
                                   run.method.name, run.params, run.epochs, (original.id, *needs), method_seed,
                                   versions))
     _check_unique(units)
     return Plan(config, forget_sets, tuple(method_runs), tuple(units))
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """Digests of what a subset run (``--scores``) hands methods: the datamodel effect per forget set and the
+    memorisation scores."""
+
+    effects: dict[str, str] = field(default_factory=dict)  # forget set -> sha256 of its (n_train, C) effect
+    scores: str | None = None  # sha256 of the (n_train,) float32 scores
+
+
+def _input_digests(method: Method, forget_set: str, inputs: MethodInputs | None) -> dict:
+    """The unit-id entries of a method's ``--scores`` inputs; refuses a plan that lacks one (a method needing it
+    is dropped or refused earlier, by ``plan_method_runs``)."""
+    out = {}
+    if method.needs_datamodel:
+        if inputs is None or forget_set not in inputs.effects:
+            raise ConfigError(f"{method.name} needs a datamodel: give --scores SUBSET_RUN")
+        out["datamodel"] = inputs.effects[forget_set]
+    if method.needs_scores:
+        if inputs is None or inputs.scores is None:
+            raise ConfigError(f"{method.name} needs memorisation scores: give --scores SUBSET_RUN")
+        out["scores"] = inputs.scores
+    return out
 
 
 def resolve_forget_sets(config: RunConfig, dataset: Dataset) -> dict[str, ForgetSet]:

@@ -140,9 +140,10 @@ def datamodel_record(fit: DatamodelFit) -> dict:
             "grid": [{"lambda_scale": g, "heldout_corr": v} for g, v in zip(fit.grid, fit.grid_corr, strict=True)]}
 
 
-def scores_digest(mem: np.ndarray) -> str:
-    """sha256 of the float32 scores as a run receives them: what enters the ids of units that use them."""
-    return hashlib.sha256(np.ascontiguousarray(mem, dtype=np.float32).tobytes()).hexdigest()
+def scores_digest(values: np.ndarray) -> str:
+    """sha256 of an array as float32, as a run receives it (scores, a datamodel effect): what enters the ids of
+    units that use it."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()
 
 
 def write_memorization(store: RunStore, mem: Memorization) -> None:

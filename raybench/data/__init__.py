@@ -2,7 +2,13 @@
 
 from raybench.data.datasets import DATASETS, Dataset, load_dataset
 from raybench.data.forget_sets import ForgetSet, builtin_forget_sets, resolve_forget_set, validate_indices
-from raybench.data.subsets import DIFFICULTY_IDS, difficulty_groups, subset_indices, subset_masks
+from raybench.data.subsets import (
+    DIFFICULTY_IDS,
+    difficulty_forget_sets,
+    difficulty_groups,
+    subset_indices,
+    subset_masks,
+)
 
 __all__ = [
     "DATASETS",
@@ -10,6 +16,7 @@ __all__ = [
     "Dataset",
     "ForgetSet",
     "builtin_forget_sets",
+    "difficulty_forget_sets",
     "difficulty_groups",
     "load_dataset",
     "resolve_forget_set",

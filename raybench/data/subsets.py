@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raybench.data.forget_sets import ForgetSet, validate_indices
+
 DIFFICULTY_IDS = ("mem_low", "mem_mid", "mem_high", "mem_mix")
 """Forget-set ids built from a subset run's memorisation scores (``raybench run --scores SUB``)."""
 
@@ -65,3 +67,28 @@ def difficulty_groups(scores: np.ndarray, size: int, centre: float = MEM_CENTRE)
     groups = {"mem_low": low, "mem_mid": mid, "mem_high": high}
     groups["mem_mix"] = np.unique(np.concatenate([high, mid, low]))
     return {k: np.sort(v).astype(np.int64) for k, v in groups.items()}
+
+
+_GROUP_RULES = {
+    "mem_low": "the {n} lowest memorisation scores",
+    "mem_mid": "the {n} memorisation scores closest to 0.5",
+    "mem_high": "the {n} highest memorisation scores",
+    "mem_mix": "the union of mem_low, mem_mid and mem_high ({n} each)",
+}
+
+
+def difficulty_forget_sets(ids: list[str] | tuple[str, ...], scores: np.ndarray, size: int,
+                           origin: str) -> dict[str, ForgetSet]:
+    """The difficulty forget sets ``ids`` (of ``DIFFICULTY_IDS``) built from ``scores`` by ``difficulty_groups``,
+    validated like every forget set; ``origin`` (e.g. "subset run 3f2a…") goes into their descriptions."""
+    unknown = [i for i in ids if i not in DIFFICULTY_IDS]
+    if unknown:
+        raise ValueError(f"not difficulty forget sets: {', '.join(unknown)}; known: {', '.join(DIFFICULTY_IDS)}")
+    groups = difficulty_groups(scores, size)
+    out = {}
+    for set_id in ids:
+        indices = validate_indices(groups[set_id], len(scores), source=f"difficulty forget set {set_id!r}")
+        indices.setflags(write=False)
+        desc = f"{len(indices)} train samples: {_GROUP_RULES[set_id].format(n=size)} of {origin}"
+        out[set_id] = ForgetSet(set_id, indices, desc)
+    return out
