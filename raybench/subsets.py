@@ -135,9 +135,10 @@ def analyse(store: RunStore, labels: np.ndarray, *, seed: int = 0) -> dict:
 def datamodel_record(fit: DatamodelFit) -> dict:
     return {"outputs": "train logits", "quality_on": "train margins", "lambda": fit.model.lam,
             "lambda_scale": fit.lam_scale, "heldout_corr": fit.heldout_corr,
-            "heldout_corr_pooled": fit.heldout_corr_pooled, "folds": fit.folds,
-            "n_targets_scored": fit.n_targets_scored,
-            "grid": [{"lambda_scale": g, "heldout_corr": v} for g, v in zip(fit.grid, fit.grid_corr, strict=True)]}
+            "heldout_corr_pooled": fit.heldout_corr_pooled, "heldout_mse": fit.heldout_mse, "folds": fit.folds,
+            "n_targets_scored": fit.n_targets_scored, "chosen_by": "held-out mse of train margins",
+            "grid": [{"lambda_scale": g, "heldout_corr": v, "heldout_mse": e}
+                     for g, v, e in zip(fit.grid, fit.grid_corr, fit.grid_mse, strict=True)]}
 
 
 def scores_digest(values: np.ndarray) -> str:

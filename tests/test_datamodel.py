@@ -51,8 +51,22 @@ def test_dual_fit_equals_primal_ridge():
 def test_lambda_is_chosen_by_held_out_models():
     masks, outputs, _, _ = _planted(k=120, n=200, d=4, noise=2.0)
     fit = fit_datamodel(masks, outputs)
-    assert fit.heldout_corr == max(fit.grid_corr)
-    assert fit.lam_scale == fit.grid[fit.grid_corr.index(fit.heldout_corr)]
+    assert fit.heldout_mse == min(fit.grid_mse)
+    assert fit.lam_scale == fit.grid[fit.grid_mse.index(fit.heldout_mse)]
+    assert fit.heldout_corr == fit.grid_corr[fit.grid_mse.index(fit.heldout_mse)]
+    # the held-out error of a straightforward refit at each λ: fit on 4 folds, predict the fifth
+    from raybench.metrics.datamodel import fold_of as folds_of
+    fold = folds_of(len(masks), 5)
+    for g in (0, 5, 10):
+        lam = fit.grid[g] * np.mean(np.sum((masks - masks.mean(axis=0)) ** 2, axis=1))
+        errs = []
+        for f in range(5):
+            tr, te = fold != f, fold == f
+            x = masks[tr].astype(float)
+            xm, ym = x.mean(axis=0), outputs[tr].mean(axis=0)
+            beta = np.linalg.solve((x - xm).T @ (x - xm) + lam * np.eye(x.shape[1]), (x - xm).T @ (outputs[tr] - ym))
+            errs.append(np.mean((ym + (masks[te] - xm) @ beta - outputs[te]) ** 2))
+        assert fit.grid_mse[g] == pytest.approx(np.mean(errs), rel=1e-6)
 
 
 def test_target_maps_outputs_before_scoring():

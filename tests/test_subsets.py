@@ -19,7 +19,7 @@ from raybench.data import difficulty_forget_sets, difficulty_groups, load_datase
 from raybench.data.subsets import subset_size
 from raybench.methods import Method, available_methods, get_method
 from raybench.models import build_stack
-from raybench.pipeline import load_config, plan_run
+from raybench.pipeline import load_config, plan_run, subsets
 from raybench.plan import MethodInputs, make_plan, plan_method_runs, subset_units, unavailable_methods
 from raybench.sources.trained import TrainedSource
 from raybench.store import RunStore
@@ -260,3 +260,19 @@ def test_run_with_scores_end_to_end_and_resumes(sub, tmp_path, dm_plugin):
     assert torch.equal(seen["effect"], torch.tensor(effect))
     with pytest.raises(RuntimeError, match="did not ship"):
         run_unit(unit, dataclasses.replace(ctx, datamodel_effects={}))
+
+
+def test_a_subset_unit_killed_mid_run_is_retried_and_the_results_are_unchanged(sub, tmp_path):
+    """The worker of the first unit dies after its logits are written and before its result returns (the worst
+    moment, tests/test_faults.py's hook): the unit is retried, and memorisation and datamodel equal an undisturbed
+    run's."""
+    reference, _ = sub
+    config = build_config(None, subsets={"n_models": 12, "fraction": 0.5}, block_size=6, out=str(tmp_path / "S"))
+    asked = []
+    result = subsets(config, kill_after=lambda unit: asked.append(unit.id) or len(asked) == 1)
+    assert result.report.units_retried == 1 and result.report.units_run == 2 and not result.report.failed
+    got, want = (pq.read_table(p / "memorization.parquet").to_pandas() for p in (tmp_path / "S", reference))
+    for column in want.columns:  # bit for bit, NaN where a sample has no IN or no OUT model
+        assert np.array_equal(got[column].to_numpy(), want[column].to_numpy(), equal_nan=column.startswith(("m", "p")))
+    got, want = (json.loads((p / "subsets.json").read_text())["datamodel"] for p in (tmp_path / "S", reference))
+    assert got == want

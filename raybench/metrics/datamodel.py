@@ -5,8 +5,10 @@ The fit is in the dual form: with X the (K, n) centred masks and Y the (K, D) ce
 so the work grows with the K models, not with the n train samples (CIFAR-10's 50,000 features cost a K × K
 solve). β itself (n × D) is never formed: ``coefficients`` gives the rows asked for and ``effect`` the sum over a
 forget set, which is what unlearning by datamodel matching needs. λ is chosen on a grid by cross-validation over
-models: each fold's models are predicted by a fit on the others, and the grid point whose out-of-fold predictions
-correlate best with the truth wins; that correlation is the datamodel's reported held-out quality.
+models: each fold's models are predicted by a fit on the others, and the grid point with the smallest held-out
+squared error wins (an error, not a correlation: with K < n random masks XXᵀ is close to a multiple of I, so λ
+mostly scales the predictions, which a correlation cannot see and datamodel matching, which subtracts the effect,
+can). The held-out correlation at that λ is the datamodel's reported quality.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class DatamodelFit:
     lam_scale: float  # the chosen grid value (λ / mean diagonal of XXᵀ)
     heldout_corr: float  # mean over targets of the held-out Pearson correlation (within folds), at the chosen λ
     heldout_corr_pooled: float  # Pearson over every held-out (model, target) pair of a fold, mean over folds
+    heldout_mse: float  # mean squared error of the held-out targets, mean over folds: what chooses λ
     grid: tuple[float, ...]
     grid_corr: tuple[float, ...]  # ``heldout_corr`` at each grid value
+    grid_mse: tuple[float, ...]  # ``heldout_mse`` at each grid value
     folds: int
     n_targets_scored: int  # (fold, target) pairs with a defined correlation (non-constant truth and prediction)
 
@@ -110,8 +114,8 @@ def fit_datamodel(masks: np.ndarray, outputs: np.ndarray, *,
     target (column), Pearson over the fold's held-out models of ``target`` of the prediction against ``target`` of
     the truth. Correlations are taken within a fold, where the fit is one: across folds, each fit's intercept (the
     mean of the other folds) would anti-correlate with the held-out values and bias the score below 0 even for a
-    perfect null. The score is the mean over targets with a defined correlation, averaged over folds; the best λ
-    is refitted on all K models.
+    perfect null. The quality is the mean over targets with a defined correlation, averaged over folds. The λ
+    with the smallest held-out mean squared error of the targets is refitted on all K models.
     """
     masks = np.asarray(masks)
     outputs = np.asarray(outputs, dtype=np.float64)
@@ -130,6 +134,7 @@ def fit_datamodel(masks: np.ndarray, outputs: np.ndarray, *,
     scale = scale if scale > 0 else 1.0
     fold = fold_of(k, folds, seed)
     per_fold = np.full((folds, len(grid)), np.nan)  # mean per-target correlation on each fold's held-out models
+    mse = np.zeros((folds, len(grid)))
     pooled = np.full((folds, len(grid)), np.nan)
     counts = np.zeros((folds, len(grid)), dtype=np.int64)
     for f in range(folds):
@@ -148,18 +153,19 @@ def fit_datamodel(masks: np.ndarray, outputs: np.ndarray, *,
             counts[f, g] = int(ok.sum())
             per_fold[f, g] = corr[ok].mean() if ok.any() else np.nan
             pooled[f, g] = pooled_corr(pred, actual)
+            mse[f, g] = float(np.mean((pred - actual) ** 2))
     with np.errstate(invalid="ignore"):
         scores = [float(np.nanmean(per_fold[:, g])) if np.isfinite(per_fold[:, g]).any() else float("nan")
                   for g in range(len(grid))]
         pooled = [float(np.nanmean(pooled[:, g])) if np.isfinite(pooled[:, g]).any() else float("nan")
                   for g in range(len(grid))]
     counts = counts.sum(axis=0).tolist()
-    finite = [i for i, v in enumerate(scores) if np.isfinite(v)]
-    best = max(finite, key=lambda i: (scores[i], -i)) if finite else len(grid) - 1
+    errors = mse.mean(axis=0).tolist()
+    best = min(range(len(grid)), key=lambda i: (errors[i], i))
     lam = grid[best] * scale
     xm, ym = x.mean(axis=0), outputs.mean(axis=0)
     xc = x - xm
     dual = np.linalg.solve(xc @ xc.T + lam * np.eye(k), outputs - ym)
     model = LinearDatamodel(xm, xc.astype(np.float32), ym, dual.astype(np.float32), float(lam))
-    return DatamodelFit(model, float(grid[best]), scores[best], pooled[best], tuple(grid), tuple(scores), folds,
-                        counts[best])
+    return DatamodelFit(model, float(grid[best]), scores[best], pooled[best], errors[best], tuple(grid),
+                        tuple(scores), tuple(errors), folds, counts[best])
