@@ -15,6 +15,9 @@ Units:
   stored exactly as an imported floor is (role ``unlearned``, method ``oracle_floor``, params ``{}``), so
   reduce scores both the same way; its epoch is the recipe's epochs (what a train unit stores).
 
+* ``train`` with role ``subset`` — only in a subset run (``raybench subsets``, ``subset_units``): models each
+  trained on the random fraction of the train set their seed picks, with their own seed stream.
+
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
 A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed. That
 includes the versions of the code that computes it (``code_versions``): train units carry ``TRAINING_VERSION``

@@ -23,6 +23,7 @@ from raybench.pipeline import load_config, plan_run, subsets
 from raybench.plan import MethodInputs, make_plan, plan_method_runs, subset_units, unavailable_methods
 from raybench.sources.trained import TrainedSource
 from raybench.store import RunStore
+from raybench.subsets import SubsetError, load_subset_scores
 from raybench.training import default_recipe, train_stack
 from raybench.units import UnitContext, run_unit
 
@@ -276,3 +277,19 @@ def test_a_subset_unit_killed_mid_run_is_retried_and_the_results_are_unchanged(s
         assert np.array_equal(got[column].to_numpy(), want[column].to_numpy(), equal_nan=column.startswith(("m", "p")))
     got, want = (json.loads((p / "subsets.json").read_text())["datamodel"] for p in (tmp_path / "S", reference))
     assert got == want
+
+
+def test_scores_of_another_data_set_or_other_data_are_refused(sub):
+    out, _ = sub
+    n = load_dataset("digits").n_train
+    with pytest.raises(SubsetError, match="subset run of digits"):
+        load_subset_scores(str(out), dataset="cifar10", fingerprint=None, n_train=50_000)
+    with pytest.raises(SubsetError, match="other digits data"):
+        load_subset_scores(str(out), dataset="digits", fingerprint="0" * 16, n_train=n)
+    scores = load_subset_scores(str(out), dataset="digits", fingerprint=load_dataset("digits").fingerprint(),
+                                n_train=n)
+    mem = pq.read_table(out / "memorization.parquet").column("mem").to_numpy(zero_copy_only=False)
+    assert np.array_equal(scores.scores, np.nan_to_num(mem).astype(np.float32))
+    forget = np.array([3, 17, 40])
+    assert np.allclose(scores.effect(forget), scores.datamodel.coefficients(forget).sum(axis=0).reshape(n, 10),
+                       atol=1e-5)
