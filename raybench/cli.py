@@ -130,7 +130,11 @@ def _config_options(fn):
         click.option("--arch", help="Model architecture (default: the data set's)."),
         click.option("--n-models", type=int, help="Originals and oracles per forget set (default 100)."),
         click.option("--n-oracles", type=int, help="Oracles per forget set that score the methods (default N)."),
-        click.option("--forget-sets", help="Comma-separated built-in ids or .npy/.txt files (default 1,2,3)."),
+        click.option("--forget-sets", help="Comma-separated built-in ids or .npy/.txt files (default 1,2,3); with "
+                     "--scores also mem_low, mem_mid, mem_high, mem_mix (groups by memorisation)."),
+        click.option("--scores", help="A subset run folder (`raybench subsets`): its memorisation scores define the "
+                     "mem_* forget sets, and its datamodel feeds methods that need one."),
+        click.option("--mem-size", type=int, help="Samples per difficulty group (default 50; mem_mix holds three)."),
         click.option("--param", "params", multiple=True,
                      help="Method parameter METHOD.NAME=VALUE; several values (comma-separated) sweep."),
         click.option("--block-size", type=int, help="Models per Ray call, trained stacked (default 50)."),
@@ -207,6 +211,74 @@ def _run_step(ctx: click.Context, config_path: str | None, params: tuple[str, ..
     share = f", {100 * report.model_share():.0f}% of worker time in model work" if report.units_run else ""
     click.echo(f"\nrun {report.run_id}: {report.units_run} units run, {report.units_skipped} already complete, "
                f"{report.wall_s:.1f} s{share}; results in {result.store.uri}/summary.csv")
+
+
+@main.command("subsets")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Run config (TOML); its [subsets] table gives n_models and fraction.")
+@click.option("--dataset", help="Data set (default: digits).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder of downloadable data sets.")
+@click.option("--arch", help="Model architecture (default: the data set's).")
+@click.option("--n-models", type=int, help="Subset models K (default 100).")
+@click.option("--fraction", type=float, help="Share of the train set each model trains on, 0 < α < 1 (default 0.5).")
+@click.option("--block-size", type=int, help="Models per Ray call, trained stacked (default 50).")
+@click.option("--seed", type=int, help="Base seed (default 0).")
+@click.option("--out", help="Subset run folder (default runs/<dataset>-subsets-<id>).")
+@click.option("--address", help="Join this Ray cluster (default: RAY_ADDRESS, else a local Ray).")
+@click.option("--num-cpus", type=int, help="CPUs of the local Ray.")
+@click.option("--num-gpus", type=int, help="GPUs of the local Ray.")
+@click.pass_context
+def subsets_command(ctx: click.Context, config_path: str | None, n_models: int | None, fraction: float | None,
+                    **options: object) -> None:
+    """Train K models, each on a random fraction of the train set (masks from their seeds, stored with the run),
+    then write every train sample's memorisation (memorization.parquet) and a linear datamodel of the logits
+    (datamodel.npz, subsets.json). Resumable like `raybench run`; `raybench run --scores OUT` uses it."""
+    from raybench.config import ConfigError, build_config, load_toml
+    from raybench.engine import EngineError
+    from raybench.pipeline import subsets
+    from raybench.store import StoreError
+    from raybench.subsets import memorization_report, summary_lines
+
+    verbose = ctx.find_root().params.get("verbose", 0) > 0
+    try:
+        table = dict(load_toml(config_path).get("subsets", {})) if config_path else {}
+        if not isinstance(table, dict):
+            raise ConfigError("subsets must be a table ([subsets] n_models = K, fraction = A)")
+        table.update({k: v for k, v in (("n_models", n_models), ("fraction", fraction)) if v is not None})
+        config = build_config(config_path, subsets=table, **options)
+        result = subsets(config, verbose=verbose, progress=_progress)
+        summary, png = memorization_report(result.store.uri)
+    except (ConfigError, StoreError) as err:
+        raise click.UsageError(str(err)) from err
+    except EngineError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
+    for line in summary_lines(summary):
+        click.echo(line)
+    report = result.report
+    click.echo(f"\nsubset run {report.run_id}: {report.units_run} units run, {report.units_skipped} already complete, "
+               f"{report.wall_s:.1f} s; {result.store.uri}/memorization.parquet, histogram {png}")
+
+
+@main.command("memorization")
+@click.argument("out")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def memorization_command(out: str, as_json: bool) -> None:
+    """Summarise a subset run's memorisation (quantiles, highly memorised samples, the datamodel's held-out
+    correlation) and write its histogram, plots/memorization.png, into the folder."""
+    from raybench.store import StoreError
+    from raybench.subsets import memorization_report, summary_lines
+
+    try:
+        summary, png = memorization_report(out)
+    except StoreError as err:
+        raise click.UsageError(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    for line in summary_lines(summary):
+        click.echo(line)
+    click.echo(f"histogram: {png}")
 
 
 @main.command("reduce")

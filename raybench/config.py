@@ -6,8 +6,9 @@ parameters, what a source can provide) is checked by ``pipeline.load_config`` ri
 
 TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``n_oracles``, ``forget_sets``,
 ``methods``, ``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``,
-``source``, ``floor``, ``select``), plus tables ``[recipe]`` (base training overrides) and ``[params.<method>]`` (method
-parameters; a list value sweeps over its items, except ``epochs``, the list of snapshots to score).
+``source``, ``floor``, ``select``, ``scores``, ``mem_size``), plus tables ``[recipe]`` (base training overrides),
+``[params.<method>]`` (method parameters; a list value sweeps over its items, except ``epochs``, the list of
+snapshots to score) and ``[subsets]`` (``n_models``, ``fraction``: the ensemble ``raybench subsets`` trains).
 
 ``source`` names where the run's originals and oracles come from (``raybench.sources``): ``"trained"`` (the
 default: trained here on Ray) or a published source as ``"NAME"`` or ``"NAME:FOLDER_OR_REPO"``; then only the
@@ -57,6 +58,9 @@ class RunConfig:
     source: str = "trained"  # where originals and oracles come from: "trained", or "NAME[:FOLDER_OR_REPO]"
     floor: bool = True  # the oracle_floor ensemble: N more oracles per forget set, scored like a method
     select: str = ""  # a selection rule (raybench.metrics.selection.RULES): rows chosen without leaking; "": none
+    subsets: dict = field(default_factory=dict)  # [subsets] n_models, fraction: `raybench subsets`' ensemble
+    scores: str = ""  # a subset run folder: memorisation scores and the datamodel of `--scores SUB` ("" = none)
+    mem_size: int = 50  # samples per difficulty group (mem_low / mem_mid / mem_high; mem_mix holds three)
 
     @property
     def resolved_arch(self) -> str:
@@ -159,7 +163,7 @@ MAX_BLOCK_SIZE = 10_000
 activations and gradients; 100,000 exhausted 23 GB). Larger architectures need far smaller blocks, which this
 bound cannot judge."""
 
-_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source", "select")
+_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source", "select", "scores")
 
 
 def validate(config: RunConfig, *, data_known: bool = True) -> None:
@@ -208,6 +212,8 @@ def validate(config: RunConfig, *, data_known: bool = True) -> None:
             raise ConfigError(f"{key} must be a list of names, got {value!r}")
     if not isinstance(config.params, dict) or not all(isinstance(v, dict) for v in config.params.values()):
         raise ConfigError("params must be a table of tables: [params.<method>] key = value")
+    check_subsets_table(config.subsets)
+    _check(spec.integer(1, spec.MAX_MODELS * 1000), "mem_size", config.mem_size)
     if not isinstance(config.recipe, dict):
         raise ConfigError(f"recipe must be a table of recipe values ([recipe] key = value), got {config.recipe!r}")
     if data_known:
@@ -219,6 +225,31 @@ def validate(config: RunConfig, *, data_known: bool = True) -> None:
             f"--out {out!r} is relative but the run joins a Ray cluster: on a cluster, relative paths land in the "
             "job's temporary working dir; give an absolute path on shared storage or a URI (s3://, gs://)"
         )
+
+
+SUBSET_DEFAULTS = {"n_models": 100, "fraction": 0.5}
+"""The subset ensemble when neither ``[subsets]`` nor the CLI says otherwise: a half of the train set per model
+gives each sample as many IN as OUT models, which makes the memorisation estimate's error smallest for K models."""
+
+SUBSET_SPECS = {"n_models": spec.integer(6, spec.MAX_MODELS), "fraction": spec.real(0, 1, low_open=True,
+                                                                                     high_open=True)}
+
+
+def check_subsets_table(table: object) -> dict:
+    """``[subsets]`` with its defaults filled in: ``n_models`` (K >= 6: the datamodel holds out folds of at least 3
+    models) and ``fraction`` (0 < alpha < 1); unknown keys are refused."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"subsets must be a table ([subsets] n_models = K, fraction = A), got {table!r}")
+    unknown = sorted(set(table) - set(SUBSET_SPECS))
+    if unknown:
+        raise ConfigError(f"unknown [subsets] key(s) {', '.join(unknown)}; known: {', '.join(sorted(SUBSET_SPECS))}")
+    values = {**SUBSET_DEFAULTS, **table}
+    for key, check in SUBSET_SPECS.items():
+        try:
+            values[key] = check.check(f"subsets.{key}", values[key])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return values
 
 
 def _check(check: spec.Param, name: str, value: object) -> None:

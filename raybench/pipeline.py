@@ -9,23 +9,38 @@ scores the folder through whatever task mapper it is given (Ray tasks on a multi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import posixpath
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybench.config import ConfigError, RunConfig, build_config, validate
-from raybench.data import Dataset, ForgetSet, load_dataset
+from raybench.config import ConfigError, RunConfig, build_config, check_subsets_table, validate
+from raybench.data import DIFFICULTY_IDS, Dataset, ForgetSet, difficulty_forget_sets, load_dataset
 from raybench.engine import EngineError, RunReport, cluster_for_reduce, map_tasks, run_units, start_ray
+from raybench.ids import digest
 from raybench.metrics.selection import check_rule
-from raybench.plan import Plan, Unit, check_unit_sizes, make_plan, plan_method_runs, source_units
+from raybench.plan import (
+    MethodInputs,
+    Plan,
+    Unit,
+    check_unit_sizes,
+    make_plan,
+    plan_method_runs,
+    source_units,
+    subset_units,
+    unavailable_methods,
+)
 from raybench.reduce import reduce_run, write_summary
 from raybench.report import write_report
 from raybench.selection import select_rows
 from raybench.sources import Source, SourceError, source_for
+from raybench.sources.trained import TrainedSource
 from raybench.store import RunStore, StoreError
+from raybench.subsets import SubsetScores, analyse, load_subset_scores, scores_digest, write_masks
 from raybench.versions import collect_versions
 
 log = logging.getLogger(__name__)
@@ -57,6 +72,12 @@ def check(config: RunConfig, source: Source | None = None) -> None:
     whether the run's source (``config.source``'s unless given) can provide the run (e.g. EasyDUB publishes 200
     oracles per forget set)."""
     plan_method_runs(config)
+    difficulty = [fs for fs in config.forget_sets if fs in DIFFICULTY_IDS]
+    if difficulty and not config.scores:
+        raise ConfigError(f"forget set {difficulty[0]} is built from memorisation scores: give --scores SUBSET_RUN")
+    if difficulty and config.source != "trained":
+        raise ConfigError(f"forget set {difficulty[0]} needs oracles trained without it; source {config.source!r} "
+                          "publishes oracles only for its own forget sets")
     try:
         (source or source_for(config.source)).check(config)
     except SourceError as err:
@@ -111,14 +132,21 @@ def _execute(config: RunConfig, source: Source, store: RunStore, *, verbose: boo
     # -- data: the images every unit trains or unlearns on, loaded once on the driver
     dataset = _load_dataset(config)
     check_unit_sizes(config, plan_method_runs(config), dataset.n_train + dataset.n_val)  # before any import
+    scores = _subset_scores(config, dataset)
+    say = progress or (lambda msg: log.info(msg))
     # -- store and plan: the run's identity is its source's; every unit id is made by the plan
     try:
         identity = source.identity(config, dataset)
         run_id = store.open_run(identity, collect_versions())  # versions recorded in run.json, never hashed
-        forget_sets = source.forget_sets(config, dataset, store)
-        plan = make_plan(config, dataset, forget_sets, source, identity)
+        forget_sets = _forget_sets(config, source, dataset, store, scores)
+        effects = {fs_id: scores.effect(fs.indices) for fs_id, fs in forget_sets.items()} if scores else {}
+        inputs = MethodInputs({fs_id: scores_digest(e) for fs_id, e in effects.items()},
+                              scores.scores_sha256 if scores else None)
+        plan = make_plan(config, dataset, forget_sets, source, identity, inputs)
         source.record_dataset(store, dataset)
         _record_forget_sets(store, forget_sets)
+        if scores is not None:
+            _record_scores(store, scores, effects, config.mem_size)
         store.clean_uncommitted()  # leftovers of an interrupted driver or a killed worker: never read
         # -- sources provide ensembles: an import source writes its units, the trained one hands them on
         provided = [u for u in plan.units if u.kind != "unlearn"]
@@ -139,7 +167,9 @@ def _execute(config: RunConfig, source: Source, store: RunStore, *, verbose: boo
         raise ConfigError(f"{len(waiting)} train unit(s) that these methods start from are not in {store.uri} yet: "
                           "run `raybench train` with the same config first (or `raybench run`, which does both)")
     report = RunReport(run_id, store.uri, len(selected), len(selected) - len(todo), 0)
-    say = progress or (lambda msg: log.info(msg))
+    for message in unavailable_methods(config):  # never silently: the log and the progress line both say it
+        log.warning(message)
+        say(message)
     if report.units_skipped:
         skipped_models = sum(u.n_models for u in selected if u.id in done)
         say(f"resuming {store.uri}: {report.units_skipped} of {len(selected)} units ({skipped_models} models) "
@@ -148,7 +178,8 @@ def _execute(config: RunConfig, source: Source, store: RunStore, *, verbose: boo
         owns_ray = start_ray(config, verbose)
         try:
             run_units(todo, plan, dataset, store, run_id, {fs.id: fs.indices for fs in forget_sets.values()}, report,
-                      say, kill_after=kill_after)
+                      say, kill_after=kill_after, datamodel_effects=effects,
+                      memorization=None if scores is None else scores.scores)
         finally:
             if owns_ray:
                 import ray
@@ -166,11 +197,65 @@ def plan_run(config: RunConfig, dataset: Dataset, store: RunStore | None = None)
     """The plan of ``config`` on ``dataset`` with its source's forget sets and identity, as ``raybench run``
     makes it (without running or writing anything)."""
     source = _source(config.source)
+    scores = _subset_scores(config, dataset)
     try:
-        return make_plan(config, dataset, source.forget_sets(config, dataset, store), source,
-                         source.identity(config, dataset))
+        forget_sets = _forget_sets(config, source, dataset, store, scores)
+        inputs = None if scores is None else MethodInputs(
+            {fs_id: scores_digest(scores.effect(fs.indices)) for fs_id, fs in forget_sets.items()},
+            scores.scores_sha256)
+        return make_plan(config, dataset, forget_sets, source, source.identity(config, dataset), inputs)
     except SourceError as err:
         raise ConfigError(str(err)) from err
+
+
+def _subset_scores(config: RunConfig, dataset: Dataset) -> SubsetScores | None:
+    """The subset run of ``--scores`` (None without it), checked to be of this run's data."""
+    if not config.scores:
+        return None
+    try:
+        return load_subset_scores(config.scores, dataset=dataset.name, fingerprint=dataset.fingerprint(),
+                                  n_train=dataset.n_train)
+    except StoreError as err:
+        raise ConfigError(f"--scores {config.scores}: {err}") from err
+
+
+def _forget_sets(config: RunConfig, source: Source, dataset: Dataset | None, store: RunStore | None,
+                 scores: SubsetScores | None) -> dict[str, ForgetSet]:
+    """The source's forget sets and, from ``--scores``, the difficulty sets (``mem_low`` … ``mem_mix``) the config
+    names, after them."""
+    wanted = [fs for fs in config.forget_sets if fs in DIFFICULTY_IDS]
+    if not wanted:
+        return source.forget_sets(config, dataset, store)
+    if scores is None:
+        raise ConfigError(f"forget set {wanted[0]} is built from memorisation scores: give --scores SUBSET_RUN")
+    rest = tuple(fs for fs in config.forget_sets if fs not in DIFFICULTY_IDS)
+    sets = source.forget_sets(dataclasses.replace(config, forget_sets=rest), dataset, store) if rest else {}
+    try:
+        built = difficulty_forget_sets(wanted, scores.scores, config.mem_size, f"subset run {scores.run_id}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    clash = sorted(set(sets) & set(built))
+    if clash:
+        raise ConfigError(f"two forget sets share the id {clash[0]} (a file named like a difficulty set): rename it")
+    return {**sets, **built}
+
+
+def _record_scores(store: RunStore, scores: SubsetScores, effects: dict, mem_size: int) -> None:
+    """``scores.json`` and ``datamodel/<forget set>.npy``: which subset run the run used and the effect each forget
+    set got. A folder whose results came from another subset run is refused: its units would mix with these."""
+    path = store.path("scores.json")
+    record = store.read_json(path) if store.exists(path) else {}
+    if record and record.get("subset_run") != scores.run_id:
+        raise ConfigError(f"{store.uri} was run with --scores from subset run {record.get('subset_run')}; this one "
+                          f"is {scores.run_id}: use a new --out folder")
+    entries = dict(record.get("effects", {}))
+    for fs_id, effect in effects.items():
+        file = posixpath.join("datamodel", f"{fs_id}.npy")
+        digest_now = scores_digest(effect)
+        if entries.get(fs_id, {}).get("sha256") != digest_now or not store.exists(store.path(file)):
+            store.write_array(store.path(file), effect)
+            entries[fs_id] = {"file": file, "sha256": digest_now, "shape": list(effect.shape)}
+    store.write_json(path, {**scores.describe(), "mem_size": mem_size, "effects": entries})
 
 
 def _record_forget_sets(store: RunStore, forget_sets: dict[str, ForgetSet]) -> None:
@@ -211,6 +296,79 @@ def summarize(store: RunStore, *, direction: str | None = None, n_boot: int | No
     store.write_per_sample(samples, metadata={"run": summary["run"], "klom_version": summary["klom_version"],
                                               "summary_csv_sha256": csv_digest})
     return summary, write_report(store, summary)
+
+
+# -- subset ensembles ---------------------------------------------------------------------------------------------
+@dataclass
+class SubsetResult:
+    """What ``raybench subsets`` did: the folder, the engine's report and subsets.json's content."""
+
+    store: RunStore
+    report: RunReport
+    record: dict
+
+
+def subset_config(config: RunConfig) -> tuple[RunConfig, int, float]:
+    """The run config of a subset ensemble (K models, one role, no forget set or method), K and the fraction
+    (``[subsets]`` with its defaults)."""
+    table = check_subsets_table(config.subsets)
+    if config.source != "trained":
+        raise ConfigError(f"raybench subsets trains its models; source {config.source!r} cannot provide them")
+    k, fraction = table["n_models"], table["fraction"]
+    sub = dataclasses.replace(config, n_models=k, n_oracles=None, forget_sets=(), methods=("do_nothing",),
+                              params={}, floor=False, scores="", subsets=table)
+    if not sub.out:
+        key = {**sub.identity(), "subsets": table}
+        sub = dataclasses.replace(sub, out=str(Path("runs") / f"{config.dataset}-subsets-{digest(key, 8)}"))
+    return sub, k, fraction
+
+
+def subset_identity(config: RunConfig, dataset: Dataset, n_models: int, fraction: float) -> dict:
+    """A subset run's identity: the trained source's (data, architecture, recipe, seeds, fingerprint) plus
+    K and the fraction, so a folder never mixes two fractions and no `raybench run` resumes into it."""
+    return {**TrainedSource().identity(config, dataset), "subsets": {"n_models": n_models, "fraction": fraction}}
+
+
+def subsets(config: RunConfig, *, verbose: bool = False, progress: Callable[[str], None] | None = None,
+            kill_after: Callable[[Unit], bool] | None = None) -> SubsetResult:
+    """``raybench subsets``: train the subset ensemble (K models, each on its seed's random fraction of the train
+    set) through the engine like any run (stacked blocks, Parquet margins, resumable: finished units are
+    skipped), then write its memorisation and datamodel (``raybench.subsets.analyse``)."""
+    config, k, fraction = subset_config(config)
+    t0 = time.perf_counter()
+    store = RunStore(config.output_uri())
+    say = progress or (lambda msg: log.info(msg))
+    with store.lock():
+        dataset = _load_dataset(config)
+        identity = subset_identity(config, dataset, k, fraction)
+        run_id = store.open_run(identity, collect_versions())
+        TrainedSource().record_dataset(store, dataset)
+        units = subset_units(config, identity, k, fraction)
+        write_masks(store, [s for u in units for s in u.seeds], fraction, dataset.n_train)
+        store.clean_uncommitted()
+        done = store.completed_units()
+        store.verify_units(done[u.id] for u in units if u.id in done)
+        todo = [u for u in units if u.id not in done]
+        report = RunReport(run_id, store.uri, len(units), len(units) - len(todo), 0)
+        if report.units_skipped:
+            say(f"resuming {store.uri}: {report.units_skipped} of {len(units)} subset units already complete, "
+                f"skipped; {len(todo)} to run")
+        if todo:
+            owns_ray = start_ray(config, verbose)
+            try:
+                run_units(todo, Plan(config, {}, (), tuple(units)), dataset, store, run_id, {}, report, say,
+                          kill_after=kill_after)
+            finally:
+                if owns_ray:
+                    import ray
+
+                    ray.shutdown()
+        if report.failed:
+            raise EngineError(f"{len(report.failed)} subset unit(s) failed (the rest are saved; rerun to retry)")
+        say(f"memorisation and datamodel of {k} subset models")
+        record = analyse(store, dataset.y_train, seed=config.seed)
+    report.wall_s = time.perf_counter() - t0
+    return SubsetResult(store, report, record)
 
 
 # -- imports without a run ---------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ Units:
   stored exactly as an imported floor is (role ``unlearned``, method ``oracle_floor``, params ``{}``), so
   reduce scores both the same way; its epoch is the recipe's epochs (what a train unit stores).
 
+* ``train`` with role ``subset`` — only in a subset run (``raybench subsets``, ``subset_units``): models each
+  trained on the random fraction of the train set their seed picks, with their own seed stream.
+
 ``do_nothing`` has no units: its "unlearned" models are the originals, scored from their stored margins.
 A unit id hashes everything that defines its output, so a rerun skips finished units whatever else changed. That
 includes the versions of the code that computes it (``code_versions``): train units carry ``TRAINING_VERSION``
@@ -136,7 +139,7 @@ def matching_oracle_count(config: RunConfig, method_runs: list[MethodRun]) -> in
 
 
 TRAIN_STREAMS = {"original": "original", "oracle": "oracle", "matching_oracle": "matching_oracle",
-                 "unlearned": "floor_oracle"}
+                 "unlearned": "floor_oracle", "subset": "subset"}
 """The seed stream of each trained ensemble (``ids.ensemble_seeds``): disjoint, so no two ensembles share a model;
 the floor's stream is named after what it is, oracles with their own seeds."""
 
@@ -157,6 +160,26 @@ def _trained(config: RunConfig, request: Ensemble, ids: range, fs_digest: str | 
         unit_id = digest({**key, "seeds": seeds, "identity": identity, "versions": versions})
         units.append(Unit(unit_id, "train", request.role, request.forget_set, block, seeds, request.method,
                           code_versions=versions))
+    return units
+
+
+SUBSET_ROLE = "subset"
+
+
+def subset_units(config: RunConfig, identity: dict, n_models: int, fraction: float) -> list[Unit]:
+    """Train units of a subset ensemble (``raybench subsets``): ``n_models`` models in blocks, seeds from their own
+    stream, each trained on the ``fraction`` of the train set its seed picks (``data.subset_indices``), so a
+    model's mask does not depend on which models share its block. ``params`` carries the fraction to the worker;
+    the id hashes it with the seeds, the run identity and the code versions."""
+    all_seeds = ensemble_seeds(config.seed, TRAIN_STREAMS[SUBSET_ROLE], n=n_models)
+    units = []
+    for block in id_blocks(0, n_models, config.block_size):
+        seeds = tuple(all_seeds[i] for i in block)
+        versions = train_versions()
+        unit_id = digest({"kind": "train", "role": SUBSET_ROLE, "fraction": fraction, "seeds": seeds,
+                          "identity": identity, "versions": versions})
+        units.append(Unit(unit_id, "train", SUBSET_ROLE, NO_FORGET_SET, block, seeds,
+                          params={"fraction": fraction}, code_versions=versions))
     return units
 
 
@@ -209,8 +232,32 @@ def source_units(config: RunConfig, source: Source, identity: dict, forget_sets:
     return units
 
 
+def needs_subset_run(method: Method) -> str | None:
+    """What a method needs from ``--scores SUBSET_RUN`` ("a datamodel", "memorisation scores"), None if nothing."""
+    if method.needs_datamodel:
+        return "a datamodel"
+    if method.needs_scores:
+        return "memorisation scores"
+    return None
+
+
+def unavailable_methods(config: RunConfig) -> list[str]:
+    """Methods of ``--methods all`` dropped because the run has no ``--scores`` (what they need), as one-line
+    reasons; the run says each one (``plan_method_runs`` drops them)."""
+    if config.scores or list(config.methods) != ["all"]:
+        return []
+    try:
+        methods = resolve_methods(config.methods)
+    except ValueError:
+        return []
+    return [f"{m.name} skipped: it needs {need}; give --scores SUBSET_RUN" for m in methods
+            if (need := needs_subset_run(m))]
+
+
 def plan_method_runs(config: RunConfig) -> list[MethodRun]:
-    """Every (method, parameter combination) of the run, with its snapshot epochs."""
+    """Every (method, parameter combination) of the run, with its snapshot epochs. Without ``--scores``, a
+    method that needs a subset run's datamodel or scores is dropped from ``all`` (``unavailable_methods`` says
+    which) and refused when named."""
     try:
         methods = resolve_methods(config.methods)
     except ValueError as err:
@@ -218,6 +265,13 @@ def plan_method_runs(config: RunConfig) -> list[MethodRun]:
     unknown = sorted(set(config.params) - {m.name for m in methods})
     if unknown:
         raise ConfigError(f"parameters given for method(s) not in this run: {', '.join(unknown)}")
+    if not config.scores:
+        named = list(config.methods) != ["all"]
+        for method in methods:
+            need = needs_subset_run(method)
+            if need and named:
+                raise ConfigError(f"{method.name} needs {need}: give --scores SUBSET_RUN")
+        methods = [m for m in methods if not needs_subset_run(m)]
     method_runs = []
     for method in methods:
         overrides = config.params.get(method.name, {})
@@ -248,12 +302,14 @@ def check_unit_sizes(config: RunConfig, method_runs: list[MethodRun], n_samples:
 
 
 def make_plan(config: RunConfig, dataset: Dataset | None, forget_sets: dict[str, ForgetSet], source: Source,
-              identity: dict) -> Plan:
+              identity: dict, inputs: MethodInputs | None = None) -> Plan:
     """All units of ``config``, originals first, then per forget set its oracles, matching oracles and floor, then
     unlearning (a valid execution order). ``forget_sets`` and ``identity`` are the source's; an unlearn unit
     depends on the originals' unit it starts from and, for a method that matches oracles, on the matching
     oracles' units, as the method declares (``Method.needs_oracles``; ``do_nothing``, with no ``fn``, needs
-    nothing and has no units)."""
+    nothing and has no units). ``inputs``: digests of what ``--scores`` hands methods that declare
+    ``needs_datamodel`` / ``needs_scores``; they enter those methods' unit ids, so another subset run recomputes
+    them."""
     method_runs = plan_method_runs(config)
     if dataset is not None:
         check_unit_sizes(config, method_runs, dataset.n_train + dataset.n_val)
@@ -275,14 +331,40 @@ def make_plan(config: RunConfig, dataset: Dataset | None, forget_sets: dict[str,
                 # the recipe is in the id because methods read it (batch sizes, weight decay); for trained
                 # originals it is also in their id, for imported ones it is not
                 versions = unlearn_versions(run.method)
-                unit_id = digest({"kind": "unlearn", "method": run.method.name, "params": run.params,
-                                  "epochs": run.epochs, "forget": fs_digest, "depends": (original.id, *needs),
-                                  "method_seed": method_seed, "recipe": recipe, "versions": versions})
+                key = {"kind": "unlearn", "method": run.method.name, "params": run.params, "epochs": run.epochs,
+                       "forget": fs_digest, "depends": (original.id, *needs), "method_seed": method_seed,
+                       "recipe": recipe, "versions": versions}
+                key.update(_input_digests(run.method, fs.id, inputs))
+                unit_id = digest(key)
                 units.append(Unit(unit_id, "unlearn", "unlearned", fs.id, original.model_ids, original.seeds,
                                   run.method.name, run.params, run.epochs, (original.id, *needs), method_seed,
                                   versions))
     _check_unique(units)
     return Plan(config, forget_sets, tuple(method_runs), tuple(units))
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """Digests of what a subset run (``--scores``) hands methods: the datamodel effect per forget set and the
+    memorisation scores."""
+
+    effects: dict[str, str] = field(default_factory=dict)  # forget set -> sha256 of its (n_train, C) effect
+    scores: str | None = None  # sha256 of the (n_train,) float32 scores
+
+
+def _input_digests(method: Method, forget_set: str, inputs: MethodInputs | None) -> dict:
+    """The unit-id entries of a method's ``--scores`` inputs; refuses a plan that lacks one (a method needing it
+    is dropped or refused earlier, by ``plan_method_runs``)."""
+    out = {}
+    if method.needs_datamodel:
+        if inputs is None or forget_set not in inputs.effects:
+            raise ConfigError(f"{method.name} needs a datamodel: give --scores SUBSET_RUN")
+        out["datamodel"] = inputs.effects[forget_set]
+    if method.needs_scores:
+        if inputs is None or inputs.scores is None:
+            raise ConfigError(f"{method.name} needs memorisation scores: give --scores SUBSET_RUN")
+        out["scores"] = inputs.scores
+    return out
 
 
 def resolve_forget_sets(config: RunConfig, dataset: Dataset) -> dict[str, ForgetSet]:

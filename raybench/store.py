@@ -6,6 +6,9 @@ Layout (``<out>`` is a local path, ``file://…``, ``s3://…`` or ``gs://…``)
     <out>/margins/forget_set=<fs>/role=<role>/method=<method>/unit=<id>/part-*.parquet
     <out>/manifests/<unit id>.json                   written last: a unit is complete iff its manifest exists
     <out>/checkpoints/<unit id>.pt, .pt.json         original models, read by unlearning units; size and sha256
+    <out>/subset_logits/<unit id>.npy, .npy.json     a subset unit's train logits (models x samples x classes)
+    <out>/masks.npy, memorization.parquet, datamodel.npz, subsets.json   a subset run's analysis (raybench.subsets)
+    <out>/datamodel/<fs>.npy, scores.json            what a run given --scores used (effects per forget set)
     <out>/staging/                                   Ray Data writes here; files are moved into margins/
     <out>/summary.csv, summary.json
     <out>/per_sample/forget_set=<fs>/part-0.parquet  every summary row's per-sample values (``write_per_sample``)
@@ -648,7 +651,7 @@ class RunStore:
         """Remove what an interrupted driver or a killed worker left behind: staging folders, which no manifest
         lists, and temporary files of unfinished atomic writes. Never touches committed files."""
         self.remove_dir(self.path("staging"))
-        for folder in ("checkpoints", "manifests"):
+        for folder in ("checkpoints", "manifests", "subset_logits", "datamodel"):
             selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
             for info in self.fs.get_file_info(selector):
                 if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
@@ -815,6 +818,30 @@ class RunStore:
             raise StoreError(f"checkpoint {path} is damaged: it differs from the size and sha256 recorded when it "
                              f"was written{remedy}")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    # -- arrays (subset logits, masks, datamodel effects) -------------------------------------------------------
+    def write_array(self, path: str, array: np.ndarray) -> None:
+        """A ``.npy`` array and, written first, its size and sha256 (``<path>.json``), as checkpoints are: an array
+        read back is checked, so a damaged file is refused instead of becoming a number."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        data = buffer.getvalue()
+        self.write_json(f"{path}.json", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                         "shape": list(array.shape), "dtype": str(array.dtype)})
+        self.write_bytes(path, data)
+
+    def read_array(self, path: str) -> np.ndarray:
+        """An array ``write_array`` wrote, after checking its size and sha256."""
+        if not self.exists(path):
+            raise StoreError(f"{path} is missing")
+        data = self.read_bytes(path)
+        record = self.read_record(f"{path}.json", "array digest", {"size": int, "sha256": str})
+        if len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise StoreError(f"{path} is damaged: it differs from the size and sha256 recorded when it was written")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def subset_logits_path(self, unit_id: str) -> str:
+        return self.path("subset_logits", f"{unit_id}.npy")
 
     # -- per-sample values --------------------------------------------------------------------------------------
     def per_sample_path(self, forget_set: str) -> str:

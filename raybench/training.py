@@ -155,6 +155,7 @@ def train_stack(
     *,
     seeds: Sequence[int] | None = None,
     on_epoch_end: Callable[[int, StackedModel], None] | None = None,
+    subsets: torch.Tensor | None = None,
 ) -> StackedModel:
     """Train every model of ``stack`` in place on ``(x, y)`` and return the stack.
 
@@ -165,16 +166,25 @@ def train_stack(
     tensor. The loss is the sum over models of each model's mean cross-entropy, so one SGD over the stack is
     M independent SGDs. ``on_epoch_end(epoch, stack)`` (0-based epoch) runs after each epoch, e.g. to record
     margins; the stack is in train mode when it is called and must be left so.
+
+    ``subsets`` (subset ensembles): an ``(M, n_sub)`` long tensor, row m the indices into ``x`` that model m trains
+    on. Model m then permutes its own ``n_sub`` samples exactly as it would permute a train set of that size, so
+    every model sees only its subset while the stack still takes one ``(M, B, ...)`` step.
     """
     seeds = stack.seeds if seeds is None else tuple(int(s) for s in seeds)
     if len(seeds) != stack.n_models:
         raise ValueError(f"got {len(seeds)} data-order seeds for a stack of {stack.n_models} models")
-    n = len(y)
-    if n == 0 or len(x) != n:
-        raise ValueError(f"need as many inputs as labels, and at least one; got {len(x)} and {n}")
+    if len(y) == 0 or len(x) != len(y):
+        raise ValueError(f"need as many inputs as labels, and at least one; got {len(x)} and {len(y)}")
     param = next(stack.parameters())
     x = x.to(device=param.device, dtype=param.dtype)
     y = y.to(device=param.device, dtype=torch.long)
+    n = len(y)
+    if subsets is not None:
+        if subsets.ndim != 2 or subsets.shape[0] != stack.n_models or subsets.shape[1] == 0:
+            raise ValueError(f"subsets must be ({stack.n_models}, n_sub) indices, got shape {tuple(subsets.shape)}")
+        subsets = subsets.to(device=param.device, dtype=torch.long)
+        n = subsets.shape[1]
 
     batch = recipe.batch_size
     iters_per_epoch = math.ceil(n / batch)
@@ -200,6 +210,8 @@ def train_stack(
             perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(param.device)
             for k in range(iters_per_epoch):
                 idx = perms[:, k * batch : (k + 1) * batch]  # (M, b); every model has the same b in a step
+                if subsets is not None:  # positions in each model's own subset -> sample ids
+                    idx = subsets.gather(1, idx)
                 with autocast_for(stack):
                     logits = stack(x[idx])
                     # sum over models of per-model mean CE: each model's gradient is exactly its own, independent of M
@@ -280,6 +292,19 @@ def compute_margins(
     if not chunks:
         return np.zeros((stack.n_models, 0), dtype=np.float32)
     return torch.cat(chunks, dim=1).numpy()
+
+
+@torch.no_grad()
+def compute_logits(
+    stack: StackedModel, x: torch.Tensor, y: torch.Tensor, *, batch_size: int | None = None
+) -> torch.Tensor:
+    """Logits of every model on every sample, ``(M, n, C)`` float32 on the CPU, in eval mode without gradients
+    (batches as ``compute_margins``): what a subset unit keeps for the logit datamodel, and what its margins and
+    top-1 margins are read from, so the stored margins are exactly those of the stored logits."""
+    chunks = [logits.float().cpu() for logits, _ in _eval_logits(stack, x, y, _eval_batch_size(stack, batch_size))]
+    if not chunks:
+        return torch.zeros((stack.n_models, 0, 0), dtype=torch.float32)
+    return torch.cat(chunks, dim=1)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ Ray-free on purpose: ``engine.worker`` calls this inside worker actors, and test
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -13,12 +14,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raybench.data import Dataset
-from raybench.methods import UnlearnData, get_method
+from raybench.data import Dataset, subset_indices
+from raybench.methods import Method, UnlearnData, get_method
 from raybench.models import StackedModel, build_stack, concat_stacks, grad_samples, reset_grad_samples
 from raybench.plan import Unit
 from raybench.store import Manifest, NonFiniteMargins, RunStore, margins_table
-from raybench.training import Recipe, compute_scores, train_stack
+from raybench.training import (
+    Recipe,
+    compute_logits,
+    compute_scores,
+    margins_from_logits,
+    top1_margins_from_logits,
+    train_stack,
+)
 from raybench.versions import collect_versions
 
 log = logging.getLogger(__name__)
@@ -40,12 +48,18 @@ class UnitContext:
     x_val: torch.Tensor
     y_val: torch.Tensor
     forget_indices: dict[str, np.ndarray]
+    datamodel_effects: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # forget set -> (n_train, C)
+    memorization: np.ndarray | None = None  # (n_train,) float32 scores of --scores, or None
 
     @classmethod
     def create(cls, *, run_id: str, dataset: Dataset, arch: str, recipe: dict, chunk_size: int, store_uri: str,
-               forget_indices: dict[str, np.ndarray], device: str = "cpu") -> UnitContext:
+               forget_indices: dict[str, np.ndarray], device: str = "cpu",
+               datamodel_effects: dict[str, np.ndarray] | None = None,
+               memorization: np.ndarray | None = None) -> UnitContext:
         """``dataset`` is the driver's loaded copy (shipped through the object store): workers on other nodes
-        need neither the data root nor a download, and every worker sees the very arrays the driver planned on."""
+        need neither the data root nor a download, and every worker sees the very arrays the driver planned on.
+        ``datamodel_effects`` and ``memorization`` are what ``--scores`` gives methods that declare
+        ``needs_datamodel`` / ``needs_scores``; they are moved to the device only for such a method's unit."""
         ds = dataset
         dev = torch.device(device)
         return cls(
@@ -53,7 +67,8 @@ class UnitContext:
             store=RunStore(store_uri), device=dev,
             x_train=torch.tensor(ds.x_train, device=dev), y_train=torch.tensor(ds.y_train, device=dev),
             x_val=torch.tensor(ds.x_val, device=dev), y_val=torch.tensor(ds.y_val, device=dev),
-            forget_indices=forget_indices,
+            forget_indices=forget_indices, datamodel_effects=dict(datamodel_effects or {}),
+            memorization=memorization,
         )
 
     def retain_indices(self, forget_set: str) -> torch.Tensor:
@@ -71,6 +86,21 @@ class UnitContext:
         stack.load_state_dict(checkpoint["state"])
         return stack
 
+    def subset_inputs(self, method: Method, forget_set: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(datamodel effect of the forget set, memorisation scores) on the device, each only where the method
+        declares it needs it (``needs_datamodel``, ``needs_scores``); a missing one is an error, not a None."""
+        effect = scores = None
+        if method.needs_datamodel:
+            if forget_set not in self.datamodel_effects:
+                raise RuntimeError(f"{method.name} needs the datamodel effect of forget set {forget_set}, which the "
+                                   "run did not ship (no --scores?)")
+            effect = torch.tensor(self.datamodel_effects[forget_set], dtype=torch.float32, device=self.device)
+        if method.needs_scores:
+            if self.memorization is None:
+                raise RuntimeError(f"{method.name} needs memorisation scores, which the run did not ship")
+            scores = torch.tensor(self.memorization, dtype=torch.float32, device=self.device)
+        return effect, scores
+
     def scores(self, stack: StackedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(margins, top-1 margins) by split, both from one forward pass per split (``compute_scores``)."""
         train, val = compute_scores(stack, self.x_train, self.y_train), compute_scores(stack, self.x_val, self.y_val)
@@ -84,7 +114,23 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     compute_s = 0.0
     work = []  # per snapshot: samples per model forwarded with gradients so far, compute seconds so far
     reset_grad_samples()
-    if unit.kind == "train":
+    if unit.kind == "train" and unit.role == "subset":
+        stack = ctx.new_stack(unit.seeds)
+        fraction = float(unit.params["fraction"])
+        rows = torch.tensor(np.stack([subset_indices(s, fraction, ctx.dataset.n_train) for s in unit.seeds]),
+                            device=ctx.device)
+        train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe, subsets=rows)
+        compute_s = time.perf_counter() - t0
+        work.append((grad_samples(), compute_s))
+        logits = compute_logits(stack, ctx.x_train, ctx.y_train)
+        # the logit datamodel's input, written before the unit reports success (as checkpoints are)
+        ctx.store.write_array(ctx.store.subset_logits_path(unit.id), logits.numpy())
+        y = ctx.y_train.cpu()
+        train = (margins_from_logits(logits, y).numpy(), top1_margins_from_logits(logits, y).numpy())
+        val = compute_scores(stack, ctx.x_val, ctx.y_val)
+        tables.append(_table(unit, ctx, ctx.recipe.epochs, ({"train": train[0], "val": val[0]},
+                                                            {"train": train[1], "val": val[1]})))
+    elif unit.kind == "train":
         stack = ctx.new_stack(unit.seeds)
         if unit.role == "original":
             train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe)
@@ -109,7 +155,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
             oracles = oracles.select(list(chosen))
         data = UnlearnData(ctx.x_train, ctx.y_train, torch.tensor(ctx.forget_indices[unit.forget_set],
                            device=ctx.device), ctx.retain_indices(unit.forget_set), ctx.dataset.num_classes,
-                           ctx.recipe, oracles)
+                           ctx.recipe, oracles, *ctx.subset_inputs(method, unit.forget_set))
         last = time.perf_counter()
         seen = []
         for epoch, snapshot in method.fn(stack, data, dict(unit.params), unit.epochs, unit.method_seed):

@@ -16,7 +16,7 @@ LAYERS = [
     {"methods"},
     {"config"},
     {"plan"},
-    {"sources", "units", "reduce", "report"},
+    {"sources", "units", "reduce", "report", "subsets"},
     {"engine", "score", "convergence", "compare"},
     {"selection"},  # subsamples as convergence does, scores as reduce does
     {"pipeline"},

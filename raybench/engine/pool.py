@@ -141,7 +141,9 @@ class WorkerPool:
 
 def run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, run_id: str,
               forget_indices: dict[str, np.ndarray], report: RunReport, say: Callable[[str], None],
-              kill_after: Callable[[Unit], bool] | None = None) -> None:
+              kill_after: Callable[[Unit], bool] | None = None, *,
+              datamodel_effects: dict[str, np.ndarray] | None = None,
+              memorization: np.ndarray | None = None) -> None:
     """Run ``todo`` (in dependency order) on a pool of worker actors and commit each unit; needs Ray started.
 
     Units lost with their worker are retried, failed ones are recorded in ``report.failed`` (with the units that
@@ -151,6 +153,9 @@ def run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, r
     driver, about each unit's *first* attempt; when it returns True, that call tells its worker to SIGKILL itself
     after the unit's work is done (checkpoint written) and before the result returns. That is the worst moment for
     a fault, side effects done and nothing committed, and a test can only hit it reliably from inside the call.
+
+    ``datamodel_effects`` (forget set -> (n_train, C)) and ``memorization`` ((n_train,)) are what ``--scores``
+    gives methods that need them; like the forget sets' indices they reach every worker once, in its context.
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -160,7 +165,8 @@ def run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, r
     report.n_workers = n_workers
     ctx_kwargs = {"run_id": run_id, "dataset": dataset, "arch": config.resolved_arch,
                   "recipe": config.resolved_recipe().to_dict(), "chunk_size": config.chunk_size,
-                  "store_uri": store.uri, "forget_indices": forget_indices}
+                  "store_uri": store.uri, "forget_indices": forget_indices,
+                  "datamodel_effects": datamodel_effects or {}, "memorization": memorization}
     ctx_ref = ray.put(ctx_kwargs)  # held by the driver for the whole run: restarted actors read it again
     worker_cls = ray.remote(Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=0, **options)
     pool = WorkerPool(n_workers, lambda: worker_cls.remote(ctx_ref, threads))
