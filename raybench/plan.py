@@ -265,15 +265,8 @@ def plan_method_runs(config: RunConfig) -> list[MethodRun]:
     unknown = sorted(set(config.params) - {m.name for m in methods})
     if unknown:
         raise ConfigError(f"parameters given for method(s) not in this run: {', '.join(unknown)}")
-    if not config.scores:
-        named = list(config.methods) != ["all"]
-        for method in methods:
-            need = needs_subset_run(method)
-            if need and named:
-                raise ConfigError(f"{method.name} needs {need}: give --scores SUBSET_RUN")
-        methods = [m for m in methods if not needs_subset_run(m)]
     method_runs = []
-    for method in methods:
+    for method in methods:  # parameters first: a typo is reported whether or not the run has --scores
         overrides = config.params.get(method.name, {})
         try:
             grid = expand_grid(method, overrides)
@@ -281,6 +274,13 @@ def plan_method_runs(config: RunConfig) -> list[MethodRun]:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         method_runs.extend(MethodRun(method, params, epochs) for params in grid)
+    if not config.scores:
+        named = list(config.methods) != ["all"]
+        for method in methods:
+            need = needs_subset_run(method)
+            if need and named:
+                raise ConfigError(f"{method.name} needs {need}: give --scores SUBSET_RUN")
+        method_runs = [r for r in method_runs if not needs_subset_run(r.method)]
     return method_runs
 
 
