@@ -21,7 +21,7 @@ from raybench.ids import model_seed
 from raybench.methods import UnlearnData, available_methods, get_method
 from raybench.methods import retrain as retrain_module
 from raybench.methods import scrub as scrub_module
-from raybench.methods.base import flatten_per_model, per_model_batches, stacked_cross_entropy
+from raybench.methods.base import flatten_per_model, model_generators, per_model_batches, stacked_cross_entropy
 from raybench.methods.influence import woodfisher_direction
 from raybench.methods.oracle_matching import matching_indices, oracle_targets
 from raybench.methods.relabel import forget_saliency, saliency_mask
@@ -356,6 +356,37 @@ def test_influence_direction_uses_the_recursion(world):
     torch.testing.assert_close(k1, flatten_per_model(g_f) - flatten_per_model(g_r), atol=1e-6, rtol=1e-4)
     k64 = flatten_per_model(woodfisher_direction(world.fresh(), world.data, many, SEED))
     assert not torch.allclose(k64, k1)
+
+
+def test_influence_direction_equals_the_published_vector_recursion(world):
+    # The spec's recursion as written, on vectors: t = o·g; k ← k − (k·g/(N + t))·o; o ← o − (t/(N + t))·o, over
+    # each model's own per-sample retain gradients taken one at a time by plain autograd. Untrained models: their
+    # gradients are large enough for the recursion to move k well beyond float32 rounding.
+    params = {**get_method("influence").defaults, "num_grads": 40}
+    d = world.data
+    untrained = build_stack("mlp", [31, 32, 33], world.originals.input_shape, d.num_classes)
+    stack = untrained.select(range(3))
+    n_f, n_r = len(d.forget_idx), len(d.retain_idx)
+    weights_ = list(stack.parameters())
+    stack.eval()
+    g_f = torch.autograd.grad(stacked_cross_entropy(stack(d.x_forget), d.y_forget) * n_f / (n_f + n_r), weights_)
+    g_r = torch.autograd.grad(stacked_cross_entropy(stack(d.x_retain), d.y_retain) * n_f / (n_f + n_r), weights_)
+    k = (flatten_per_model(g_f) - flatten_per_model(g_r)).double()
+    picks = [torch.randperm(n_r, generator=g)[:40] for g in model_generators(stack.seeds, SEED, "influence-samples")]
+    o = None
+    for i in range(40):
+        sample = torch.stack([d.retain_idx[p[i]] for p in picks])  # model m's i-th sample
+        loss = stacked_cross_entropy(stack(d.x_train[sample].unsqueeze(1)), d.y_train[sample].unsqueeze(1))
+        g = flatten_per_model(torch.autograd.grad(loss, weights_)).double()
+        if o is None:
+            o = g
+            continue
+        t = (o * g).sum(1, keepdim=True)
+        k = k - ((k * g).sum(1, keepdim=True) / (40 + t)) * o
+        o = o - (t / (40 + t)) * o
+    ours = flatten_per_model(woodfisher_direction(untrained, d, params, SEED)).double()
+    moved = (k - (flatten_per_model(g_f) - flatten_per_model(g_r))).abs().amax()
+    assert (ours - k).abs().amax() < 1e-4 * moved, ((ours - k).abs().amax(), moved)
 
 
 def test_influence_default_lowers_forget_margins(world):

@@ -78,7 +78,8 @@ _BUILTIN = [
            param_specs={**_SGD, "forget_batch_size": _BATCH, "tau": spec.real(0, 1), "rum_mask_bug": spec.boolean()}),
     Method("influence", influence.influence, "one WoodFisher influence step (RUM wfisher / IU)",
            defaults={"alpha": 30.0, "num_grads": 256, "batch_size": 512}, default_epochs=(1,), one_snapshot=True,
-           param_specs={"alpha": spec.real(), "num_grads": spec.integer(1), "batch_size": _BATCH}),
+           param_specs={"alpha": spec.real(), "num_grads": spec.integer(1), "batch_size": _BATCH},
+           version=2),  # 2: the recursion on forward-mode dot products (same algebra, other float rounding)
     Method("oracle_matching", oracle_matching.oracle_matching,
            "regress logits onto retrained oracles' on forget + part of retain (OM)",
            defaults={"lr": 3e-3, "weight_decay": 0.0, "gamma": 0.95, "batch_size": 64, "forget_multiplier": 1.0,

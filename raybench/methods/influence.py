@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.func import functional_call, grad, vmap
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, vmap
 
 from raybench.methods.base import (
     Snapshots,
@@ -23,8 +24,9 @@ from raybench.methods.base import (
 )
 from raybench.models import StackedModel, count_grad_samples
 
-# Per-sample gradients are computed this many float elements (samples × models × parameters) at a time.
-_GRAD_BUDGET = 1 << 26
+# Per-sample dot products are taken for at most this many (sample, model) pairs per forward-mode pass, and for
+# half an architecture's ``eval_batch_budget`` (large activations): a forward-mode pass carries two of each.
+_DOT_BUDGET = 1 << 14
 
 
 def _summed_gradient(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -53,6 +55,42 @@ def _per_sample_gradients(stack: StackedModel, x: torch.Tensor, y: torch.Tensor)
     return torch.cat([grads[n].reshape(len(y), stack.n_models, -1) for n in names], dim=2)
 
 
+def _per_sample_dots(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, directions: Sequence[torch.Tensor]
+                     ) -> torch.Tensor:
+    """x (c, M, *input), y (c, M) as ``_per_sample_gradients``; ``directions`` (M, P) each. Returns (c, M, D):
+    the dot product of each model's per-sample gradient with each direction, without forming the gradients. A
+    gradient's dot product with d is the derivative of that sample's loss along d, and one forward-mode pass
+    (``jvp``) gives it for every sample and model at once: a forward pass instead of a backward per sample."""
+    names = [n for n, _ in stack.named_parameters()]
+    params = {n: p.detach() for n, p in stack.named_parameters()}
+    buffers = dict(stack.named_buffers())
+    inputs, labels = x.transpose(0, 1), y.t()  # (M, c, *input): model m's own samples
+
+    def losses(p: dict) -> torch.Tensor:
+        logits = functional_call(stack, (p, buffers), (inputs,))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+    out = []
+    for direction in directions:
+        tangent = dict(zip(names, unflatten_per_model(direction, list(params.values())), strict=True))
+        out.append(jvp(losses, (params,), (tangent,))[1].t())
+    count_grad_samples(len(y))  # as many per-sample gradients' worth of work; jvp's forward does not count itself
+    return torch.stack(out, dim=2)
+
+
+def _woodfisher_coefficient(dots: torch.Tensor, n_fisher: float) -> torch.Tensor:
+    """The recursion of ``woodfisher_direction`` on scalars: ``dots`` (n, M, 2) holds, per further gradient g and
+    model, (v·g, g_1·g). With o = c·g_1 and k = v − s·g_1, t = c·(g_1·g), k·g = v·g − s·(g_1·g), and a step adds
+    c·(k·g)/(N + t) to s and multiplies c by N/(N + t). Returns s per model, (M,), in float64."""
+    s = torch.zeros(dots.shape[1], dtype=torch.float64)
+    c = torch.ones_like(s)
+    for vg, g1g in dots.cpu().permute(0, 2, 1):  # per gradient: v·g and g_1·g, each (M,)
+        t = c * g1g
+        s = s + c * (vg - s * g1g) / (n_fisher + t)
+        c = c * n_fisher / (n_fisher + t)
+    return s.to(dots.device)
+
+
 def woodfisher_direction(stack: StackedModel, data: UnlearnData, params: dict, seed: int) -> list[torch.Tensor]:
     """k ≈ F⁻¹(g_F − g_R) per model (docs/methods.md#influence, steps 1–2), shaped like the stack's parameters.
 
@@ -60,7 +98,8 @@ def woodfisher_direction(stack: StackedModel, data: UnlearnData, params: dict, s
     recursion starts from k = g_F − g_R and o = g_1 and, for each further per-sample retain gradient g, does
     t = o·g; k ← k − (k·g/(N + t))·o; o ← o − (t/(N + t))·o. Each model draws its own ``num_grads`` retain
     samples (RUM takes the first ~1,002 in index order) and N = ``num_grads`` (RUM hard-codes N = 1000 for its
-    1,002 gradients). All of it is per model: rows of (M, P) tensors, dot products along P.
+    1,002 gradients). All of it is per model: rows of (M, P) tensors, dot products along P; the recursion itself
+    runs on two dot products per gradient (``_woodfisher_coefficient``), which is the same algebra.
     """
     n_grads = params["num_grads"]
     if n_grads < 1:
@@ -78,17 +117,17 @@ def woodfisher_direction(stack: StackedModel, data: UnlearnData, params: dict, s
                              for g in model_generators(stack.seeds, seed, "influence-samples")]).to(device)
         sample_idx = data.retain_idx[picks].t()  # (n, M): the i-th gradient of every model
         n_fisher = float(sample_idx.shape[0])
-        chunk = max(1, _GRAD_BUDGET // (stack.n_models * k.shape[1]))
-        o = None
-        for start in range(0, len(sample_idx), chunk):
+        budget = min(_DOT_BUDGET, getattr(stack, "eval_batch_budget", 2 * _DOT_BUDGET) // 2)
+        chunk = max(1, budget // stack.n_models)
+        first = _per_sample_gradients(stack, data.x_train[sample_idx[:1]], data.y_train[sample_idx[:1]])[0]
+        # o stays a multiple c·g_1 (its update only rescales it), so k = v − s·g_1 and the whole recursion needs
+        # only each further gradient's dot products with v and g_1, which forward mode gives without the gradient.
+        dots = []
+        for start in range(1, len(sample_idx), chunk):
             idx = sample_idx[start:start + chunk]
-            for g in _per_sample_gradients(stack, data.x_train[idx], data.y_train[idx]):
-                if o is None:
-                    o = g.clone()
-                    continue
-                t = (o * g).sum(1, keepdim=True)
-                k = k - ((k * g).sum(1, keepdim=True) / (n_fisher + t)) * o
-                o = o - (t / (n_fisher + t)) * o
+            dots.append(_per_sample_dots(stack, data.x_train[idx], data.y_train[idx], (k, first)).double())
+        if dots:
+            k = k - _woodfisher_coefficient(torch.cat(dots), n_fisher).to(k.dtype).unsqueeze(1) * first
     finally:
         stack.train(was_training)
     return unflatten_per_model(k, list(stack.parameters()))
