@@ -478,8 +478,9 @@ def test_retrain_budget_sets_the_number_of_epochs(world, monkeypatch):
         return train_stack(stack, x, y, recipe)
 
     monkeypatch.setattr(retrain_module, "train_stack", spy)
-    run("retrain", world.fresh([0]), world.data, budget=0.1)
-    assert [r.epochs for r in seen] == [2] and seen[0].lr == world.data.recipe.lr
+    run("retrain", world.fresh([0]), world.data, budget=0.5)
+    assert world.data.recipe.epochs == 14  # the digits MLP recipe: half of it is 7 epochs
+    assert [r.epochs for r in seen] == [7] and seen[0].lr == world.data.recipe.lr
 
 
 # -- data order -------------------------------------------------------------------------------------------------
