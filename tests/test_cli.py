@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from raybench.cli import main
+from raybench.methods import available_methods
 
 
 def _run(*args):
@@ -28,7 +29,10 @@ def test_methods_lists_one_method_per_line_with_a_description():
     lines = result.output.strip().splitlines()
     names = [line.split()[0] for line in lines]
     assert "do_nothing" in names and "finetune" in names
-    assert all(len(line.split(maxsplit=2)) == 3 and line.split()[1] == "v1" for line in lines)
+    methods = available_methods()
+    assert all(len(line.split(maxsplit=2)) == 3 and line.split()[1] == f"v{methods[line.split()[0]].version}"
+               for line in lines)
+    assert dict(line.split()[:2] for line in lines)["influence"] == "v2"  # the forward-mode recursion
 
 
 def test_methods_json_gives_name_version_defaults_description_and_checks():

@@ -250,8 +250,8 @@ def test_ray_job_submit_runs_raybench_on_a_cluster(ray_head, ray_session, tmp_pa
     with (out / "summary.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     keys = sorted((r["forget_set"], r["method"], r["epoch"], r["split"]) for r in rows)
-    # oracle_floor: on by default, its epoch the recipe's (digits trains 20)
-    assert keys == sorted(("1", m, e, s) for m, e in (("do_nothing", "0"), ("oracle_floor", "20"), ("finetune", "1"))
+    # oracle_floor: on by default, its epoch the recipe's (digits trains 14)
+    assert keys == sorted(("1", m, e, s) for m, e in (("do_nothing", "0"), ("oracle_floor", "14"), ("finetune", "1"))
                           for s in ("retain", "forget", "val"))
     n_samples = {"retain": 1437 - 10, "forget": 10, "val": 360}
     for r in rows:
