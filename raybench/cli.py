@@ -146,6 +146,12 @@ def _config_options(fn):
                      help="Train N more oracles per forget set with their own seeds and score them as method "
                           "oracle_floor, the noise floor at this N (default: on; costs one oracle ensemble)."),
         click.option("--select", type=click.Choice(list(RULES)), help=f"{SELECT_HELP} Config key: select."),
+        click.option("--train-path",
+                     help="How a block of models trains: 'stacked' (one batched step for all), 'per_model' (one "
+                          "after the other) or 'auto' (default: stacked on the CPU; on a GPU whichever a short timing "
+                          "of both finds faster). Speed only: the models are the same up to float rounding."),
+        click.option("--compile/--no-compile", default=None,
+                     help="torch.compile the training step (default off; compiled once per worker and shape)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -6,9 +6,10 @@ parameters, what a source can provide) is checked by ``pipeline.load_config`` ri
 
 TOML keys mirror the CLI (``dataset``, ``data_root``, ``arch``, ``n_models``, ``n_oracles``, ``forget_sets``,
 ``methods``, ``block_size``, ``chunk_size``, ``seed``, ``out``, ``address``, ``num_cpus``, ``num_gpus``,
-``source``, ``floor``, ``select``, ``scores``, ``mem_size``), plus tables ``[recipe]`` (base training overrides),
-``[params.<method>]`` (method parameters; a list value sweeps over its items, except ``epochs``, the list of
-snapshots to score) and ``[subsets]`` (``n_models``, ``fraction``: the ensemble ``raybench subsets`` trains).
+``source``, ``floor``, ``select``, ``scores``, ``mem_size``, ``train_path``, ``compile``), plus tables ``[recipe]``
+(base training overrides), ``[params.<method>]`` (method parameters; a list value sweeps over its items, except
+``epochs``, the list of snapshots to score) and ``[subsets]`` (``n_models``, ``fraction``: the ensemble
+``raybench subsets`` trains).
 
 ``source`` names where the run's originals and oracles come from (``raybench.sources``): ``"trained"`` (the
 default: trained here on Ray) or a published source as ``"NAME"`` or ``"NAME:FOLDER_OR_REPO"``; then only the
@@ -28,7 +29,7 @@ from raybench.data import DATASETS
 from raybench.ids import digest
 from raybench.metrics.selection import check_rule
 from raybench.models import ARCHS
-from raybench.training import Recipe, default_recipe
+from raybench.training import Execution, Recipe, default_recipe
 
 DEFAULT_ARCH = {"digits": "mlp", "cifar10": "resnet9"}
 
@@ -61,6 +62,16 @@ class RunConfig:
     subsets: dict = field(default_factory=dict)  # [subsets] n_models, fraction: `raybench subsets`' ensemble
     scores: str = ""  # a subset run folder: memorisation scores and the datamodel of `--scores SUB` ("" = none)
     mem_size: int = 50  # samples per difficulty group (mem_low / mem_mid / mem_high; mem_mix holds three)
+    # How the base training runs (training.Execution): speed only, so neither enters the identity; each unit's
+    # manifest records what ran.
+    train_path: str = "auto"  # "auto" | "stacked" | "per_model"
+    compile: bool = False  # torch.compile the training step
+
+    def execution(self) -> Execution:
+        try:
+            return Execution(path=self.train_path, compile=self.compile)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def resolved_arch(self) -> str:
@@ -163,7 +174,7 @@ MAX_BLOCK_SIZE = 10_000
 activations and gradients; 100,000 exhausted 23 GB). Larger architectures need far smaller blocks, which this
 bound cannot judge."""
 
-_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source", "select", "scores")
+_STRING_KEYS = ("dataset", "data_root", "arch", "out", "address", "source", "select", "scores", "train_path")
 
 
 def validate(config: RunConfig, *, data_known: bool = True) -> None:
@@ -200,8 +211,10 @@ def validate(config: RunConfig, *, data_known: bool = True) -> None:
             check_rule(config.select)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    if not isinstance(config.floor, bool):
-        raise ConfigError(f"floor must be true or false, got {config.floor!r}")
+    for key in ("floor", "compile"):
+        if not isinstance(getattr(config, key), bool):
+            raise ConfigError(f"{key} must be true or false, got {getattr(config, key)!r}")
+    config.execution()
     for key, low in (("num_cpus", 1), ("num_gpus", 0)):
         value = getattr(config, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

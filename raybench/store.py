@@ -168,6 +168,7 @@ class Manifest:
     compute_s_by_epoch: list[float] | None = None
     code_versions: dict | None = None  # the versions hashed into the unit id
     versions: dict | None = None  # packages and device of the process that computed it
+    training: dict | None = None  # how base training ran (training.train_stack's stats: path, compile, warm-up)
     extra: dict = field(default_factory=dict)  # what a source adds (e.g. "source", "hub_epoch")
 
     def to_dict(self) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from raybench import spec
-from raybench.models import StackedModel
+from raybench.models import StackedModel, count_grad_samples, grad_samples
 
 TRAINING_VERSION = 1
 """Version of what ``train_stack`` computes from a recipe and seeds (the base training of originals and oracles).
@@ -143,9 +144,171 @@ def cudnn_autotune(stack: StackedModel) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous
 
 
+TRAIN_PATHS = ("auto", "stacked", "per_model")
+"""How ``train_stack`` runs a stack's models (``Execution.path``): all M in one batched step (``stacked``), one
+model after the other through the same code at M = 1 (``per_model``), or ``auto``: stacked on the CPU (2.9-3.9x
+faster than per-model for 50 digits MLPs, bench/train_paths.py), and on CUDA whichever a short timing of both on the unit's
+own shapes finds faster (``choose_path``), once per process and shape."""
+
+CALIBRATION_STEPS = 4
+"""Timed steps per path when ``auto`` times both on CUDA (after as many untimed warm-up steps)."""
+
+_COMPILE_RECOMPILE_LIMIT = 64  # graphs per compiled loss: one per (M, batch) shape, and a unit has two (full, last)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the base training runs on the device at hand: a matter of speed, not of what is trained.
+
+    Every path trains each model from its own seed with its own data order, so on the CPU ``stacked`` and
+    ``per_model`` give the same ``mlp`` models bit for bit (the ``cnn``'s grouped convolution rounds differently
+    with the number of groups). ``compile`` runs the forward pass and loss through ``torch.compile`` (Inductor;
+    the backward through AOTAutograd): its kernels round differently from eager ones, so a compiled model agrees
+    with an eager one up to float rounding amplified by training (docs/design.md#compiled-training states the
+    measured tolerance), while two compiled runs on one device agree bit for bit. It is off by default: its speed
+    on the GPU is still to be measured (bench/gpu_throughput.py), and on a 2-core CPU Inductor's C++ build costs
+    a worker more per shape than compiled steps save in a laptop run."""
+
+    path: str = "auto"
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.path not in TRAIN_PATHS:
+            raise ValueError(f"unknown training path {self.path!r}; known: {', '.join(TRAIN_PATHS)}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def data_order_seed(seed: int) -> int:
     """The seed of the ``torch.Generator`` that shuffles the data for the model initialised from ``seed``."""
     return (seed + DATA_ORDER_SEED_OFFSET) % (1 << 32)
+
+
+def _stack_loss(stack: StackedModel, xb: torch.Tensor, yb: torch.Tensor, autocast: torch.dtype | None
+                ) -> torch.Tensor:
+    """Sum over models of each model's mean cross-entropy: each model's gradient is exactly its own, whatever M."""
+    with contextlib.nullcontext() if autocast is None else torch.autocast("cuda", dtype=autocast):
+        logits = stack(xb)
+        return F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum") / yb.shape[1]
+
+
+_compiled_losses: dict[str, Callable] = {}
+
+
+def _loss_fn(execution: Execution) -> Callable:
+    """The eager loss, or its compiled form: one ``torch.compile`` per process and backend, so a later unit of the
+    same architecture and shapes reuses the graphs of the first (Dynamo guards on the module's structure and the
+    tensors' shapes, not on which stack it is)."""
+    if not execution.compile:
+        return _stack_loss
+    if execution.compile_backend not in _compiled_losses:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _COMPILE_RECOMPILE_LIMIT)
+        _compiled_losses[execution.compile_backend] = torch.compile(_stack_loss, backend=execution.compile_backend,
+                                                                    dynamic=False)
+    return _compiled_losses[execution.compile_backend]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _EpochRunner:
+    """One SGD over one stack (optimiser, schedule, per-model data order): the state ``train_stack`` steps."""
+
+    def __init__(self, stack: StackedModel, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seeds: Sequence[int],
+                 subsets: torch.Tensor | None, loss: Callable, compiled_shapes: set | None, stats: dict) -> None:
+        param = next(stack.parameters())
+        self.stack, self.x, self.y, self.subsets, self.loss = stack, x, y, subsets, loss
+        self.device = param.device
+        self.n = len(y) if subsets is None else subsets.shape[1]
+        self.batch = recipe.batch_size
+        self.iters_per_epoch = math.ceil(self.n / self.batch)
+        total = recipe.epochs * self.iters_per_epoch
+        # On CUDA the fused kernel saves launches. On the CPU it is only ~10% faster for an MLP stack, and its
+        # vectorised/scalar split depends on where a model's weights sit in the stack, which would break the
+        # bit-for-bit independence of a model from its neighbours; the per-op update keeps it.
+        self.optimizer = torch.optim.SGD(stack.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                         weight_decay=recipe.weight_decay,
+                                         fused=param.device.type in _FUSED_SGD_DEVICES)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, total, recipe.warmup_fraction))
+        self.generators = [torch.Generator().manual_seed(data_order_seed(s)) for s in seeds]
+        self.autocast = getattr(stack, "cuda_autocast_dtype", None) if self.device.type == "cuda" else None
+        self.compiled_shapes, self.stats = compiled_shapes, stats
+
+    def step(self, idx: torch.Tensor) -> None:
+        """One SGD step on the samples ``idx`` ``(M, b)``. The first step of a shape under compile is the warm-up
+        (Dynamo traces, Inductor builds): its time is counted in ``stats["compile_s"]``, not as training."""
+        if self.subsets is not None:  # positions in each model's own subset -> sample ids
+            idx = self.subsets.gather(1, idx)
+        key = (type(self.stack), tuple(idx.shape), self.x.dtype, self.device)
+        warmup = self.compiled_shapes is not None and key not in self.compiled_shapes
+        if warmup:
+            _sync(self.device)
+            t0 = time.perf_counter()
+        loss = self.loss(self.stack, self.x[idx], self.y[idx], self.autocast)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        if warmup:
+            _sync(self.device)
+            self.stats["compile_s"] += time.perf_counter() - t0
+            self.compiled_shapes.add(key)
+
+    def epoch(self) -> None:
+        perms = torch.stack([torch.randperm(self.n, generator=g) for g in self.generators]).to(self.device)
+        for k in range(self.iters_per_epoch):
+            self.step(perms[:, k * self.batch : (k + 1) * self.batch])  # (M, b); every model has the same b
+
+
+_compiled_shapes: set = set()  # (architecture, step shape, dtype, device) already compiled in this process
+_path_choices: dict[tuple, dict] = {}  # what ``choose_path`` measured, per shape, in this process
+
+
+def choose_path(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, recipe: Recipe,
+                execution: Execution = Execution()) -> dict:
+    """Time ``CALIBRATION_STEPS`` training steps of both paths on throwaway copies of ``stack`` (its models are
+    not touched, nor is any random stream) and return ``{"path", "stacked_ms", "per_model_ms"}``, the times per
+    model-step. Measured once per process and (architecture, M, batch, input shape, device, compile): a unit of
+    the same shape reuses the answer."""
+    param = next(stack.parameters())
+    batch = min(recipe.batch_size, len(y))
+    key = (stack.arch, stack.n_models, batch, stack.input_shape, param.device, param.dtype, execution.compile)
+    if key not in _path_choices:
+        xb, yb = x[:batch].to(param.device, param.dtype), y[:batch].to(param.device, torch.long)
+        times = {}
+        for path, probe in (("stacked", stack.select(range(stack.n_models))), ("per_model", stack.select([0]))):
+            runner = _EpochRunner(probe, xb, yb, recipe, probe.seeds, None, _loss_fn(execution),
+                                  _compiled_shapes if execution.compile else None, {"compile_s": 0.0})
+            idx = torch.arange(batch, device=param.device).expand(probe.n_models, batch)
+            probe.train()
+            with cudnn_autotune(probe):
+                for _ in range(CALIBRATION_STEPS):  # warm-up: cuDNN autotuning, compilation, allocator
+                    runner.step(idx)
+                _sync(param.device)
+                t0 = time.perf_counter()
+                for _ in range(CALIBRATION_STEPS):
+                    runner.step(idx)
+                _sync(param.device)
+            times[path] = (time.perf_counter() - t0) / CALIBRATION_STEPS / probe.n_models * 1e3
+        _path_choices[key] = {"path": min(times, key=times.get), "stacked_ms": times["stacked"],
+                              "per_model_ms": times["per_model"]}
+    return dict(_path_choices[key])
+
+
+def _times_paths(device: torch.device) -> bool:
+    """Whether ``auto`` times both paths here: on CUDA the answer depends on the GPU, the architecture and M (for
+    the ResNet-9 the grouped convolution was slower per model than the plain one on an H100); on the CPU the stacked
+    step has always won (``TRAIN_PATHS``), and the timing would cost every laptop unit."""
+    return device.type == "cuda"
 
 
 def train_stack(
@@ -157,6 +320,8 @@ def train_stack(
     seeds: Sequence[int] | None = None,
     on_epoch_end: Callable[[int, StackedModel], None] | None = None,
     subsets: torch.Tensor | None = None,
+    execution: Execution = Execution(),
+    stats: dict | None = None,
 ) -> StackedModel:
     """Train every model of ``stack`` in place on ``(x, y)`` and return the stack.
 
@@ -171,6 +336,11 @@ def train_stack(
     ``subsets`` (subset ensembles): an ``(M, n_sub)`` long tensor, row m the indices into ``x`` that model m trains
     on. Model m then permutes its own ``n_sub`` samples exactly as it would permute a train set of that size, so
     every model sees only its subset while the stack still takes one ``(M, B, ...)`` step.
+
+    ``execution`` picks the path and whether to compile (``Execution``). ``stats``, when given, receives what ran:
+    ``path``, ``compiled``, ``compile_s`` (warm-up seconds of newly compiled shapes, a part of this call's time
+    that later calls of the same shapes do not pay), ``calibration_s`` and, for ``auto`` on CUDA, the timings
+    ``choose_path`` compared.
     """
     seeds = stack.seeds if seeds is None else tuple(int(s) for s in seeds)
     if len(seeds) != stack.n_models:
@@ -180,50 +350,54 @@ def train_stack(
     param = next(stack.parameters())
     x = x.to(device=param.device, dtype=param.dtype)
     y = y.to(device=param.device, dtype=torch.long)
-    n = len(y)
     if subsets is not None:
         if subsets.ndim != 2 or subsets.shape[0] != stack.n_models or subsets.shape[1] == 0:
             raise ValueError(f"subsets must be ({stack.n_models}, n_sub) indices, got shape {tuple(subsets.shape)}")
         subsets = subsets.to(device=param.device, dtype=torch.long)
-        n = subsets.shape[1]
-
-    batch = recipe.batch_size
-    iters_per_epoch = math.ceil(n / batch)
-    total = recipe.epochs * iters_per_epoch
-    # On CUDA the fused kernel saves launches. On the CPU it is only ~10% faster for an MLP stack, and its
-    # vectorised/scalar split depends on where a model's weights sit in the stack, which would break the
-    # bit-for-bit independence of a model from its neighbours; the per-op update keeps it.
-    optimizer = torch.optim.SGD(
-        stack.parameters(),
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
-        fused=param.device.type in _FUSED_SGD_DEVICES,
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total, recipe.warmup_fraction)
-    )
-    generators = [torch.Generator().manual_seed(data_order_seed(s)) for s in seeds]
-
+    stats = {} if stats is None else stats
+    stats.update(path=execution.path, compiled=execution.compile, compile_s=0.0, calibration_s=0.0)
+    if execution.path == "auto":
+        if _times_paths(param.device) and stack.n_models > 1:
+            t0, counted = time.perf_counter(), grad_samples()
+            choice = choose_path(stack, x, y, recipe, execution)
+            count_grad_samples(counted - grad_samples())  # the timing's throwaway steps are not the unit's work
+            stats.update(path=choice.pop("path"), calibration=choice, calibration_s=time.perf_counter() - t0)
+        else:
+            stats["path"] = "stacked"
+    loss = _loss_fn(execution)
+    shapes = _compiled_shapes if execution.compile else None
+    if stats["path"] == "stacked":
+        parts = [stack]
+        runners = [_EpochRunner(stack, x, y, recipe, seeds, subsets, loss, shapes, stats)]
+    else:  # one model at a time, each with its own optimiser, interleaved by epoch so on_epoch_end sees them all
+        parts = [stack.select([m]) for m in range(stack.n_models)]
+        runners = [_EpochRunner(part, x, y, recipe, seeds[m : m + 1], None if subsets is None else subsets[m : m + 1],
+                                loss, shapes, stats) for m, part in enumerate(parts)]
+    for part in parts:
+        part.train()
     stack.train()
+    counted = grad_samples()
     with cudnn_autotune(stack):
         for epoch in range(recipe.epochs):
-            perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(param.device)
-            for k in range(iters_per_epoch):
-                idx = perms[:, k * batch : (k + 1) * batch]  # (M, b); every model has the same b in a step
-                if subsets is not None:  # positions in each model's own subset -> sample ids
-                    idx = subsets.gather(1, idx)
-                with autocast_for(stack):
-                    logits = stack(x[idx])
-                    # sum over models of per-model mean CE: each model's gradient is exactly its own, independent of M
-                    loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum") / idx.shape[1]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+            for runner in runners:
+                runner.epoch()
+            if len(parts) > 1 and (on_epoch_end is not None or epoch == recipe.epochs - 1):
+                _write_back(stack, parts)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, stack)
+    if len(parts) > 1:  # M one-model stacks each counted their own samples; the count is per model
+        done = grad_samples() - counted
+        count_grad_samples(done // len(parts) - done)
     return stack
+
+
+@torch.no_grad()
+def _write_back(stack: StackedModel, parts: list[StackedModel]) -> None:
+    """Copy the one-model stacks of the per-model path into their rows of ``stack`` (parameters and buffers)."""
+    state = stack.state_dict()  # tensors sharing the stack's storage
+    for m, part in enumerate(parts):
+        for name, tensor in part.state_dict().items():
+            state[name][m].copy_(tensor[0])
 
 
 def margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from raybench.models import StackedModel, build_stack, concat_stacks, grad_sampl
 from raybench.plan import Unit
 from raybench.store import Manifest, NonFiniteMargins, RunStore, margins_table
 from raybench.training import (
+    Execution,
     Recipe,
     compute_logits,
     compute_scores,
@@ -50,16 +51,18 @@ class UnitContext:
     forget_indices: dict[str, np.ndarray]
     datamodel_effects: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # forget set -> (n_train, C)
     memorization: np.ndarray | None = None  # (n_train,) float32 scores of --scores, or None
+    execution: Execution = dataclasses.field(default_factory=Execution)  # how base training runs here
 
     @classmethod
     def create(cls, *, run_id: str, dataset: Dataset, arch: str, recipe: dict, chunk_size: int, store_uri: str,
                forget_indices: dict[str, np.ndarray], device: str = "cpu",
                datamodel_effects: dict[str, np.ndarray] | None = None,
-               memorization: np.ndarray | None = None) -> UnitContext:
+               memorization: np.ndarray | None = None, execution: dict | None = None) -> UnitContext:
         """``dataset`` is the driver's loaded copy (shipped through the object store): workers on other nodes
         need neither the data root nor a download, and every worker sees the very arrays the driver planned on.
         ``datamodel_effects`` and ``memorization`` are what ``--scores`` gives methods that declare
-        ``needs_datamodel`` / ``needs_scores``; they are moved to the device only for such a method's unit."""
+        ``needs_datamodel`` / ``needs_scores``; they are moved to the device only for such a method's unit.
+        ``execution`` is ``Execution.to_dict()``: how this worker runs base training."""
         ds = dataset
         dev = torch.device(device)
         return cls(
@@ -68,7 +71,7 @@ class UnitContext:
             x_train=torch.tensor(ds.x_train, device=dev), y_train=torch.tensor(ds.y_train, device=dev),
             x_val=torch.tensor(ds.x_val, device=dev), y_val=torch.tensor(ds.y_val, device=dev),
             forget_indices=forget_indices, datamodel_effects=dict(datamodel_effects or {}),
-            memorization=memorization,
+            memorization=memorization, execution=Execution(**(execution or {})),
         )
 
     def retain_indices(self, forget_set: str) -> torch.Tensor:
@@ -101,6 +104,13 @@ class UnitContext:
             scores = torch.tensor(self.memorization, dtype=torch.float32, device=self.device)
         return effect, scores
 
+    def train(self, stack: StackedModel, x: torch.Tensor, y: torch.Tensor, subsets: torch.Tensor | None = None
+              ) -> dict:
+        """Base training of ``stack`` under this worker's ``execution``; returns what ran (``train_stack``'s stats)."""
+        stats: dict = {}
+        train_stack(stack, x, y, self.recipe, subsets=subsets, execution=self.execution, stats=stats)
+        return stats
+
     def scores(self, stack: StackedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(margins, top-1 margins) by split, both from one forward pass per split (``compute_scores``)."""
         train, val = compute_scores(stack, self.x_train, self.y_train), compute_scores(stack, self.x_val, self.y_val)
@@ -108,10 +118,14 @@ class UnitContext:
 
 
 def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
-    """Do the unit's work; return its margins rows and its manifest metadata (timings, shapes)."""
+    """Do the unit's work; return its margins rows and its manifest metadata (timings, shapes).
+
+    A train unit's ``compute_s`` leaves out what the process pays once per shape (compilation, the ``auto`` path's
+    timing); the manifest's ``training`` record states those seconds."""
     t0 = time.perf_counter()
     tables = []
     compute_s = 0.0
+    training = None
     work = []  # per snapshot: samples per model forwarded with gradients so far, compute seconds so far
     reset_grad_samples()
     if unit.kind == "train" and unit.role == "subset":
@@ -119,8 +133,8 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         fraction = float(unit.params["fraction"])
         rows = torch.tensor(np.stack([subset_indices(s, fraction, ctx.dataset.n_train) for s in unit.seeds]),
                             device=ctx.device)
-        train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe, subsets=rows)
-        compute_s = time.perf_counter() - t0
+        training = ctx.train(stack, ctx.x_train, ctx.y_train, subsets=rows)
+        compute_s = time.perf_counter() - t0 - training["compile_s"] - training["calibration_s"]
         work.append((grad_samples(), compute_s))
         logits = compute_logits(stack, ctx.x_train, ctx.y_train)
         # the logit datamodel's input, written before the unit reports success (as checkpoints are)
@@ -133,14 +147,14 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     elif unit.kind == "train":
         stack = ctx.new_stack(unit.seeds)
         if unit.role == "original":
-            train_stack(stack, ctx.x_train, ctx.y_train, ctx.recipe)
+            training = ctx.train(stack, ctx.x_train, ctx.y_train)
         else:  # oracles, matching oracles and the oracle_floor ensemble: retrained without the forget set
             idx = ctx.retain_indices(unit.forget_set)
-            train_stack(stack, ctx.x_train[idx], ctx.y_train[idx], ctx.recipe)
+            training = ctx.train(stack, ctx.x_train[idx], ctx.y_train[idx])
         if unit.role in ("original", "matching_oracle"):
             # Checkpoint before the unit reports success: an unlearn unit that depends on it can then rely on it.
             ctx.store.write_checkpoint(unit.id, {"seeds": list(unit.seeds), "state": stack.state_dict()})
-        compute_s = time.perf_counter() - t0
+        compute_s = time.perf_counter() - t0 - training["compile_s"] - training["calibration_s"]
         work.append((grad_samples(), compute_s))
         tables.append(_table(unit, ctx, ctx.recipe.epochs, ctx.scores(stack)))
     else:
@@ -171,7 +185,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     meta = Manifest(unit.id, unit.kind, unit.role, unit.forget_set, unit.method, unit.params_json,
                     list(unit.epochs) or [ctx.recipe.epochs], list(unit.model_ids), list(unit.seeds), table.num_rows,
                     compute_s, time.perf_counter() - t0, [n for n, _ in work], [c for _, c in work],
-                    unit.code_versions, collect_versions(ctx.device))
+                    unit.code_versions, collect_versions(ctx.device), training)
     return table, meta.to_dict()
 
 

@@ -64,6 +64,7 @@ def test_methods_json_gives_name_version_defaults_description_and_checks():
         (["--param", "finetune-lr"], "METHOD.NAME=VALUE"),
         (["--methods", "do_nothing", "--param", "finetune.lr=0.1"], "not in this run"),
         (["--config", "does-not-exist.toml"], "does not exist"),
+        (["--train-path", "fast"], "unknown training path 'fast'"),
     ],
 )
 def test_bad_run_input_exits_2(args, message, tmp_path):

@@ -75,6 +75,9 @@ def _bad(message: str, toml: str | None = None, tmp_path=None, **values):
     ({"num_cpus": 0}, "num_cpus must be an integer >= 1"),
     ({"num_gpus": -1}, "num_gpus must be an integer >= 0"),
     ({"num_gpus": True}, "num_gpus must be an integer >= 0"),
+    ({"train_path": "fast"}, "unknown training path 'fast'; known: auto, stacked, per_model"),
+    ({"train_path": 1}, "train_path must be a string"),
+    ({"compile": "yes"}, "compile must be true or false"),
 ])
 def test_bad_values_are_refused_with_the_rule_they_break(values, message):
     _bad(message, **{"methods": "all", **values})

@@ -333,5 +333,13 @@ def test_versions_are_recorded_in_run_json_manifests_and_summary(small_run):
     assert (summary["versions"]["numpy"], summary["versions"]["pyarrow"], summary["versions"]["ray"]) == (
         numpy.__version__, pyarrow.__version__, ray.__version__)
     assert run["versions"]["raybench"] == raybench.__version__
+
+
+def test_train_manifests_record_how_training_ran(small_run):
+    out, plan, store, report, rows = small_run
+    metas = [u.meta for u in store.completed_units().values()]
+    trained = [m["training"] for m in metas if m["kind"] == "train"]
+    assert trained and all(t["path"] == "stacked" and t["compiled"] is False and t["compile_s"] == 0 for t in trained)
+    assert all("training" not in m for m in metas if m["kind"] == "unlearn")
     for unit in store.completed_units().values():
         assert unit.meta["versions"]["device"] == "cpu" and unit.meta["code_versions"]["margins"] >= 1

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from raybench import training
 from raybench.data import load_dataset
-from raybench.models import build_stack
+from raybench.models import build_stack, grad_samples, reset_grad_samples
 from raybench.training import (
+    Execution,
     Recipe,
+    choose_path,
     compute_margins,
     compute_scores,
     data_order_seed,
@@ -281,3 +285,88 @@ def test_cuda_training_matches_cpu(digits):
         torch.testing.assert_close(q.cpu(), p, atol=1e-3, rtol=1e-3)
     margins = compute_margins(gpu, xv, yv)  # CPU inputs are moved chunk by chunk
     np.testing.assert_allclose(margins, compute_margins(cpu, xv, yv), atol=1e-2)
+
+
+# -- execution: the path and compilation ----------------------------------------------------------
+
+
+def _train(digits, execution, seeds=(2, 7, 1), **kw):
+    x, y, _, _ = digits
+    stats: dict = {}
+    reset_grad_samples()
+    stack = train_stack(build_stack("mlp", list(seeds), (1, 8, 8), 10), x, y, SHORT, execution=execution,
+                        stats=stats, **kw)
+    return stack, stats, grad_samples()
+
+
+def test_per_model_path_trains_the_stacked_models_bit_for_bit(digits):
+    x = digits[0]
+    rows = torch.stack([torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:700] for s in range(3)])
+    for kw in ({}, {"subsets": rows}):
+        seen: dict = {"stacked": [], "per_model": []}
+        runs = {path: _train(digits, Execution(path=path), on_epoch_end=lambda e, s, p=path, seen=seen: seen[p].append(
+            compute_margins(s, x, digits[1])), **kw) for path in ("stacked", "per_model")}
+        (a, sa, ga), (b, sb, gb) = runs["stacked"], runs["per_model"]
+        assert (sa["path"], sb["path"]) == ("stacked", "per_model")
+        assert all(torch.equal(p, q) for p, q in zip(params(a), params(b), strict=True))
+        assert ga == gb > 0  # work is counted per model on both paths
+        assert len(seen["per_model"]) == SHORT.epochs
+        assert all(np.array_equal(u, v) for u, v in zip(seen["stacked"], seen["per_model"], strict=True))
+
+
+def test_auto_is_stacked_on_the_cpu_and_otherwise_follows_the_timing(digits, monkeypatch):
+    stack, stats, counted = _train(digits, Execution())
+    assert stats["path"] == "stacked" and stats["calibration_s"] == 0 and "calibration" not in stats
+    # where auto times both paths (CUDA), the faster one trains, and the timing's steps are not the unit's work
+    monkeypatch.setattr(training, "_times_paths", lambda device: True)
+    monkeypatch.setattr(training, "_path_choices", {})
+    timed_stack, timed, timed_count = _train(digits, Execution())
+    assert timed["path"] in ("stacked", "per_model") and timed["calibration_s"] > 0
+    assert set(timed["calibration"]) == {"stacked_ms", "per_model_ms"}
+    assert min(timed["calibration"], key=timed["calibration"].get) == f"{timed['path']}_ms"
+    assert timed_count == counted
+    assert all(torch.equal(p, q) for p, q in zip(params(stack), params(timed_stack), strict=True))
+
+
+def test_choose_path_leaves_the_stack_alone_and_answers_once_per_shape(digits, monkeypatch):
+    x, y, _, _ = digits
+    monkeypatch.setattr(training, "_path_choices", {})
+    stack = build_stack("mlp", [0, 1, 2, 3], (1, 8, 8), 10)
+    before = params(stack)
+    first = choose_path(stack, x, y, SHORT)
+    assert first["path"] in ("stacked", "per_model") and first["stacked_ms"] > 0 and first["per_model_ms"] > 0
+    assert all(torch.equal(p, q) for p, q in zip(before, params(stack), strict=True))
+    assert choose_path(build_stack("mlp", [9, 8, 7, 6], (1, 8, 8), 10), x, y, SHORT) == first  # cached
+    assert len(training._path_choices) == 1
+    choose_path(build_stack("mlp", [9, 8], (1, 8, 8), 10), x, y, SHORT)  # another M is another shape
+    assert len(training._path_choices) == 2
+
+
+def test_execution_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown training path 'fast'; known: auto, stacked, per_model"):
+        Execution(path="fast")
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        Execution(compile="yes")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="Inductor needs a C++ compiler on the CPU")
+def test_compiled_training_is_reproducible_close_to_eager_and_compiled_once_per_shape(digits):
+    """The tolerance docs/design.md#compiled-training states: compiled and eager models agree to 1e-4 (parameters)
+    and 1e-3 (margins) after the short recipe; two compiled runs agree bit for bit."""
+    import torch._dynamo.utils
+
+    x, y, _, _ = digits
+    eager, _, eager_count = _train(digits, Execution(path="stacked"))
+    compiled, first, count = _train(digits, Execution(path="stacked", compile=True))
+    assert first["compiled"] and first["compile_s"] > 0 and count == eager_count
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    again, second, _ = _train(digits, Execution(path="stacked", compile=True))
+    other, third, _ = _train(digits, Execution(path="stacked", compile=True), seeds=(11, 12, 13))
+    assert second["compile_s"] == third["compile_s"] == 0  # a new stack of the same shapes reuses the graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert all(torch.equal(p, q) for p, q in zip(params(compiled), params(again), strict=True))
+    assert not torch.equal(params(compiled)[0], params(other)[0])
+    for p, q in zip(params(eager), params(compiled), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(compute_margins(compiled, x, y), compute_margins(eager, x, y), atol=1e-3)

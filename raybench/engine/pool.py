@@ -166,7 +166,8 @@ def run_units(todo: list[Unit], plan: Plan, dataset: Dataset, store: RunStore, r
     ctx_kwargs = {"run_id": run_id, "dataset": dataset, "arch": config.resolved_arch,
                   "recipe": config.resolved_recipe().to_dict(), "chunk_size": config.chunk_size,
                   "store_uri": store.uri, "forget_indices": forget_indices,
-                  "datamodel_effects": datamodel_effects or {}, "memorization": memorization}
+                  "datamodel_effects": datamodel_effects or {}, "memorization": memorization,
+                  "execution": config.execution().to_dict()}
     ctx_ref = ray.put(ctx_kwargs)  # held by the driver for the whole run: restarted actors read it again
     worker_cls = ray.remote(Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=0, **options)
     pool = WorkerPool(n_workers, lambda: worker_cls.remote(ctx_ref, threads))
