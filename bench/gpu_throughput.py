@@ -1,13 +1,13 @@
 """One-process GPU benchmark of CIFAR-10 ResNet-9 training: environment, achievable peaks, the single-model loop,
 the stacked ``raybench.training.train_stack`` path, compiled variants, the margin pass and a kernel-time split.
 
-Sections run in order of value (env, peaks, loop, stacked M=16, compiled loop/stacked, stacked M=1 and M=32,
-margins, profiles); before each one the global deadline (``--budget-s``) is checked against a rough cost estimate
-and a section that would overrun is skipped with a note. The JSON (``--json``) is rewritten after every section,
-so a run cut off by an outer ``timeout`` keeps what it measured. cuDNN benchmark mode is on throughout; data is
-random and resident on the device; FLOPs are analytic (``throughput_common.flops_per_sample``). Per model, the
-extrapolated cost is 24 epochs × 196 steps plus one margin pass over 60,000 images (timed at the same M; the
-loops use the M=1 stack's margin pass, the code raybench runs).
+Sections run in order of value (env, peaks, loop, stacked M=16, compiled loop/stacked, what ``--train-path auto``
+chooses at M=16, stacked M=1 and M=32, margins, profiles); before each one the global deadline (``--budget-s``) is
+checked against a rough cost estimate and a section that would overrun is skipped with a note. The JSON (``--json``)
+is rewritten after every section, so a run cut off by an outer ``timeout`` keeps what it measured. cuDNN benchmark
+mode is on throughout; data is random and resident on the device; FLOPs are analytic
+(``throughput_common.flops_per_sample``). Per model, the extrapolated cost is 24 epochs × 196 steps plus one margin
+pass over 60,000 images (timed at the same M; the loops use the M=1 stack's margin pass, the code raybench runs).
 
 Without CUDA (and no ``--device cpu``) it writes the environment and ``"skipped": "no CUDA device"`` and exits 0.
 ``--device cpu --smoke`` runs every section with tiny shapes to exercise the code; there the compiled variants use
@@ -36,6 +36,7 @@ import torch
 from throughput_common import (
     N_TRAIN,
     N_VAL,
+    STACKED,
     LoopTrainer,
     flops_per_sample,
     fused_sgd_supported,
@@ -49,7 +50,7 @@ from throughput_common import (
 )
 
 from raybench.models import build_stack
-from raybench.training import train_stack
+from raybench.training import Execution, choose_path, train_stack
 
 SMI_FIELDS = ("name", "driver_version", "pstate", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
               "power.draw", "power.limit", "power.max_limit", "memory.total", "temperature.gpu")
@@ -160,27 +161,36 @@ def loop_section(args: argparse.Namespace, device: torch.device, compile_mode: s
 
 
 def stacked_section(m: int, args: argparse.Namespace, device: torch.device, stacks: dict,
-                    compile_mode: str | None = None) -> dict:
-    """``raybench.training.train_stack`` on ``build_stack("resnet9", …)`` of M models; with ``compile_mode`` the
-    stack's forward (and through AOTAutograd its backward) is compiled in place (``nn.Module.compile``)."""
+                    compiled: bool = False) -> dict:
+    """``raybench.training.train_stack`` on ``build_stack("resnet9", …)`` of M models; ``compiled``: as a run
+    with ``--compile`` trains (``Execution(compile=True)``: the loss and forward through ``torch.compile``, the
+    backward through AOTAutograd), its warm-up's compilation reported as ``compile_s``."""
     stack = build_stack("resnet9", list(range(m)), (3, args.hw, args.hw), 10).to(device)
     x, y = random_data(args.steps * args.batch, args.hw, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     extra: dict = {}
-    if compile_mode is not None:
-        stack.compile(backend=args.compile_backend, mode=None if compile_mode == "default" else compile_mode)
-        extra.update({"compile_mode": compile_mode, "compile_backend": args.compile_backend,
-                      "first_step_s": timed(lambda: time_train_stack(stack, x[: args.batch], y[: args.batch],
-                                                                     args.batch, 0, device), device)})
-    step_s = time_train_stack(stack, x, y, args.batch, args.warmup, device)
-    if compile_mode is not None:
-        extra["compile_s"] = max(0.0, extra["first_step_s"] - step_s)
+    execution = Execution(path="stacked", compile=compiled, compile_backend=args.compile_backend)
+    stats: dict = {}
+    step_s = time_train_stack(stack, x, y, args.batch, max(1, args.warmup), device, execution, stats)
+    if compiled:
+        extra.update({"compile_mode": "default", "compile_backend": args.compile_backend,
+                      "compile_s": stats["compile_s"]})
     else:
         stacks[m] = stack  # kept for the margin pass and the profile
     if device.type == "cuda":
         extra["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return training_row("stacked (compiled)" if compile_mode else "stacked", m, step_s, args, extra)
+    return training_row("stacked (compiled)" if compiled else "stacked", m, step_s, args, extra)
+
+
+def auto_choice_section(m: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """What a run's ``--train-path auto`` picks for a block of M ResNet-9s here (``training.choose_path``: a few
+    steps of the stacked and the per-model path on throwaway copies), with the times per model-step it compared."""
+    stack = build_stack("resnet9", list(range(m)), (3, args.hw, args.hw), 10).to(device)
+    x, y = random_data(2 * args.batch, args.hw, device)
+    t0 = time.perf_counter()
+    choice = choose_path(stack, x, y, one_epoch_recipe(args.batch))
+    return {"M": m, **choice, "calibration_s": time.perf_counter() - t0}
 
 
 def margins_section(args: argparse.Namespace, device: torch.device, stacks: dict) -> dict:
@@ -304,7 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-warmup", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="datasheet dense bf16 peak (H100/H200 SXM: 989; H100 PCIe: 756)")
-    p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
+    p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="of the compiled loop; the compiled stack runs as raybench's --compile does (default mode)")
     p.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager in a CPU smoke run)")
     p.add_argument("--skip", default="", help="comma-separated sections not to run (e.g. compiled_loop)")
     args = p.parse_args(argv)
@@ -357,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         ("loop", 5.0 + 0.005 * n_steps, lambda: loop_section(args, device)),
         (f"stacked_m{m_mid}", 8.0 + 0.045 * n_steps * m_mid / 16, lambda: stacked_section(m_mid, args, device, stacks)),
         ("compiled_loop", compile_est, lambda: loop_section(args, device, args.compile_mode)),
-        (f"compiled_stacked_m{m_mid}", compile_est,
-         lambda: stacked_section(m_mid, args, device, stacks, args.compile_mode)),
+        (f"compiled_stacked_m{m_mid}", compile_est, lambda: stacked_section(m_mid, args, device, stacks, True)),
+        (f"auto_choice_m{m_mid}", 5.0 + 0.01 * m_mid, lambda: auto_choice_section(m_mid, args, device)),
         (f"stacked_m{m_small}", 5.0 + 0.005 * n_steps * m_small,
          lambda: stacked_section(m_small, args, device, stacks)),
         (f"stacked_m{m_large}", 8.0 + 0.045 * n_steps * m_large / 16,
@@ -391,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     out["finished"] = True
     write()
     print_table(out["table"], args)
+    choice = sections.get(f"auto_choice_m{m_mid}", {})
+    if "path" in choice:
+        print(f"\n--train-path auto at M={m_mid}: {choice['path']} (stacked {choice['stacked_ms']:.3f} ms, per-model "
+              f"{choice['per_model_ms']:.3f} ms per model-step)")
     print(f"\nJSON: {args.json}")
     return 0
 
@@ -402,7 +417,8 @@ def profile_stack(m: int, args: argparse.Namespace, device: torch.device, stacks
     n = args.profile_steps * args.batch
     x, y = random_data(n, args.hw, device, seed=2)
     return {"M": m, "steps": args.profile_steps,
-            **profile_section(lambda: train_stack(stacks[m], x, y, one_epoch_recipe(args.batch)), device)}
+            **profile_section(lambda: train_stack(stacks[m], x, y, one_epoch_recipe(args.batch), execution=STACKED),
+                              device)}
 
 
 def profile_loop(args: argparse.Namespace, device: torch.device) -> dict:

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from raybench.models import StackedModel
 from raybench.models.resnet9 import resnet9, resnet9_macs
-from raybench.training import Recipe, compute_margins, default_recipe, train_stack
+from raybench.training import Execution, Recipe, compute_margins, default_recipe, train_stack
+
+STACKED = Execution(path="stacked")  # the benchmarks time a path they name, never `auto`'s choice
 
 RECIPE = default_recipe("cifar10", "resnet9")
 N_TRAIN, N_VAL = 50_000, 10_000
@@ -75,13 +77,14 @@ def random_data(n: int, hw: int, device: torch.device, *, seed: int = 0) -> tupl
 
 
 def time_train_stack(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, batch: int, warmup: int,
-                     device: torch.device) -> float:
+                     device: torch.device, execution: Execution = STACKED, stats: dict | None = None) -> float:
     """Seconds per optimiser step of ``raybench.training.train_stack`` over all of ``(x, y)`` (one epoch of
-    ``len(y) / batch`` steps), after an untimed call of ``warmup`` steps (cuDNN autotuning, the allocator)."""
+    ``len(y) / batch`` steps), after an untimed call of ``warmup`` steps (cuDNN autotuning, the allocator, and
+    under ``execution.compile`` the compilation, whose seconds land in ``stats["compile_s"]``)."""
     recipe = one_epoch_recipe(batch)
     if warmup > 0:
-        train_stack(stack, x[: warmup * batch], y[: warmup * batch], recipe)
-    return timed(lambda: train_stack(stack, x, y, recipe), device) / math.ceil(len(y) / batch)
+        train_stack(stack, x[: warmup * batch], y[: warmup * batch], recipe, execution=execution, stats=stats)
+    return timed(lambda: train_stack(stack, x, y, recipe, execution=execution), device) / math.ceil(len(y) / batch)
 
 
 def time_margins(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("peaks", "loop", "stacked_m2", "compiled_loop", "compiled_stacked_m2", "stacked_m1", "stacked_m3",
-            "margins", "profile_m2", "profile_m1", "profile_loop")
+SECTIONS = ("peaks", "loop", "stacked_m2", "compiled_loop", "compiled_stacked_m2", "auto_choice_m2", "stacked_m1",
+            "stacked_m3", "margins", "profile_m2", "profile_m1", "profile_loop")
 
 
 def _run(tmp_path: Path, *args: str) -> dict:
@@ -37,6 +37,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
         assert sec[name]["step_ms"] > 0
     for name in ("compiled_loop", "compiled_stacked_m2"):
         assert sec[name].get("step_ms", 0) > 0 and sec[name]["compile_s"] >= 0 or sec[name].get("skipped")
+    choice = sec["auto_choice_m2"]
+    assert choice["path"] in ("stacked", "per_model") and choice["stacked_ms"] > 0 and choice["per_model_ms"] > 0
     margins = [m for m in sec["margins"].values() if isinstance(m, dict)]
     assert {m["M"] for m in margins} == {1, 2, 3} and all(m["pass_s"] > 0 for m in margins)
     for name in ("profile_m2", "profile_m1", "profile_loop"):
