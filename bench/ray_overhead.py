@@ -3,7 +3,7 @@
 In-process: one ``UnitContext``, ``run_unit`` on every unit of the plan in order (torch using all cores), each
 unit's margins written and committed with plain pyarrow (``RunStore.write_unit``): the work with no scheduling.
 Ray: ``pipeline.execute`` on a fresh run folder with Ray already started (its start-up is timed separately):
-worker actors (one torch thread each), Ray Data waves, manifests. The ratio Ray / in-process is the price of
+worker actors (one torch thread each), write waves, manifests. The ratio Ray / in-process is the price of
 going through Ray on this machine; on a cluster the same engine spreads the units over many nodes.
 
     python bench/ray_overhead.py                         # 200 models, 1 forget set: 8 units of 50 models

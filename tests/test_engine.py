@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -197,6 +198,34 @@ def test_same_config_gives_bit_identical_summary(ray_session, small_run, tmp_pat
     out, *_ = small_run
     _run(tmp_path / "again")
     assert (tmp_path / "again" / "summary.csv").read_bytes() == (out / "summary.csv").read_bytes()
+
+
+def test_small_waves_on_one_node_are_written_by_the_driver_and_large_ones_by_ray_data(ray_session, small_run,
+                                                                                     tmp_path, monkeypatch):
+    """The fixture's run wrote its waves directly (one node, small); forcing every wave through Ray Data gives the
+    same committed files' content and a byte-identical summary."""
+    from raybench.engine import writer
+
+    out, plan, *_ = small_run
+    ways = []
+    direct, through_ray_data = RunStore.write_unit, writer._write_ray_data
+    monkeypatch.setattr(RunStore, "write_unit", lambda *a, **k: (ways.append("direct"), direct(*a, **k))[1])
+    monkeypatch.setattr(writer, "_write_ray_data",
+                        lambda *a, **k: (ways.append("ray data"), through_ray_data(*a, **k))[1])
+    _run(tmp_path / "direct", methods="do_nothing", forget_sets="1", params={})
+    assert ways and set(ways) == {"direct"}
+    ways.clear()
+    monkeypatch.setattr(writer, "DIRECT_WRITE_MAX_BYTES", -1)
+    _run(tmp_path / "ray_data")
+    assert ways and set(ways) == {"ray data"}
+    assert (tmp_path / "ray_data" / "summary.csv").read_bytes() == (out / "summary.csv").read_bytes()
+    order = [(c, "ascending") for c in ("epoch", "split", "chunk", "model_id")]
+    for unit in plan.units:
+        tables = []
+        for folder in (out, tmp_path / "ray_data"):
+            files = json.loads((folder / "manifests" / f"{unit.id}.json").read_text())["files"]
+            tables.append(pa.concat_tables(pq.read_table(folder / f, partitioning=None) for f in files).sort_by(order))
+        assert tables[0].equals(tables[1])
 
 
 def test_changing_a_forget_set_under_the_same_id_is_refused(small_run, tmp_path):
