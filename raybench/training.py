@@ -147,8 +147,8 @@ def cudnn_autotune(stack: StackedModel) -> Iterator[None]:
 TRAIN_PATHS = ("auto", "stacked", "per_model")
 """How ``train_stack`` runs a stack's models (``Execution.path``): all M in one batched step (``stacked``), one
 model after the other through the same code at M = 1 (``per_model``), or ``auto``: stacked on the CPU (2.9-3.9x
-faster than per-model for 50 digits MLPs, bench/train_paths.py), and on CUDA whichever a short timing of both on the unit's
-own shapes finds faster (``choose_path``), once per process and shape."""
+faster than per-model for 50 digits MLPs, bench/train_paths.py), and on CUDA whichever a short timing of both on
+the unit's own shapes finds faster (``choose_path``), once per process and shape."""
 
 CALIBRATION_STEPS = 4
 """Timed steps per path when ``auto`` times both on CUDA (after as many untimed warm-up steps)."""
@@ -166,8 +166,8 @@ class Execution:
     the backward through AOTAutograd): its kernels round differently from eager ones, so a compiled model agrees
     with an eager one up to float rounding amplified by training (docs/design.md#compiled-training states the
     measured tolerance), while two compiled runs on one device agree bit for bit. It is off by default: its speed
-    on the GPU is still to be measured (bench/gpu_throughput.py), and on a 2-core CPU Inductor's C++ build costs
-    a worker more per shape than compiled steps save in a laptop run."""
+    on the GPU is still to be measured (bench/gpu_throughput.py), and in a 2-core CPU run compiled units were
+    slower than eager ones (docs/design.md#compiled-training)."""
 
     path: str = "auto"
     compile: bool = False
