@@ -269,8 +269,13 @@ class _EpochRunner:
             self.step(perms[:, k * self.batch : (k + 1) * self.batch])  # (M, b); every model has the same b
 
 
-_compiled_shapes: set = set()  # (architecture, step shape, dtype, device) already compiled in this process
+_compiled_shapes: dict[str, set] = {}  # backend -> (architecture, step shape, dtype, device) compiled in this process
 _path_choices: dict[tuple, dict] = {}  # what ``choose_path`` measured, per shape, in this process
+
+
+def _shapes_compiled(execution: Execution) -> set | None:
+    """The step shapes this process has compiled with ``execution``'s backend (None: eager, nothing to track)."""
+    return _compiled_shapes.setdefault(execution.compile_backend, set()) if execution.compile else None
 
 
 def choose_path(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, recipe: Recipe,
@@ -287,7 +292,7 @@ def choose_path(stack: StackedModel, x: torch.Tensor, y: torch.Tensor, recipe: R
         times = {}
         for path, probe in (("stacked", stack.select(range(stack.n_models))), ("per_model", stack.select([0]))):
             runner = _EpochRunner(probe, xb, yb, recipe, probe.seeds, None, _loss_fn(execution),
-                                  _compiled_shapes if execution.compile else None, {"compile_s": 0.0})
+                                  _shapes_compiled(execution), {"compile_s": 0.0})
             idx = torch.arange(batch, device=param.device).expand(probe.n_models, batch)
             probe.train()
             with cudnn_autotune(probe):
@@ -365,7 +370,7 @@ def train_stack(
         else:
             stats["path"] = "stacked"
     loss = _loss_fn(execution)
-    shapes = _compiled_shapes if execution.compile else None
+    shapes = _shapes_compiled(execution)
     if stats["path"] == "stacked":
         parts = [stack]
         runners = [_EpochRunner(stack, x, y, recipe, seeds, subsets, loss, shapes, stats)]
