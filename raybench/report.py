@@ -456,16 +456,27 @@ def read_per_sample(store: RunStore, forget_set: str) -> pa.Table | None:
 
 
 def _per_sample_values(table: pa.Table) -> dict[tuple[str, str, int, str], tuple[np.ndarray, np.ndarray]]:
-    """(method, params, epoch, split) -> (sample ids, KLOM), from a per-sample table."""
+    """(method, params, epoch, split) -> (sample ids, KLOM), from a per-sample table: keys in order of first
+    appearance, each key's rows in table order. One stable sort of the combined key codes, not a loop over rows
+    (a run's per-sample table has a row per sample, epoch and ensemble)."""
     import numpy as np
+    import pyarrow.compute as pc
 
-    keys = list(zip(*(table.column(c).to_pylist() for c in ("method", "params", "epoch", "split")), strict=True))
-    ids = table.column("sample_id").to_numpy()
-    klom = table.column("klom").to_numpy()
-    order: dict[tuple, list[int]] = {}
-    for k, key in enumerate(keys):
-        order.setdefault(key, []).append(k)
-    return {key: (ids[np.asarray(at)], klom[np.asarray(at)]) for key, at in order.items()}
+    codes, levels = [], []
+    for name in ("method", "params", "epoch", "split"):
+        encoded = pc.dictionary_encode(table.column(name).combine_chunks())
+        codes.append(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64))
+        levels.append(encoded.dictionary.to_pylist())
+    key = np.zeros(table.num_rows, dtype=np.int64)
+    for code, level in zip(codes, levels, strict=True):
+        key = key * len(level) + code
+    order = np.argsort(key, kind="stable")
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(key[order])) + 1]) if len(order) else np.zeros(0, int)
+    bounds = zip(starts, [*starts[1:], len(order)], strict=True)
+    ids, klom = table.column("sample_id").to_numpy(), table.column("klom").to_numpy()
+    groups = sorted((order[a], order[a:b]) for a, b in bounds)  # first row of a key = its first appearance
+    return {tuple(level[code[first]] for code, level in zip(codes, levels, strict=True)): (ids[at], klom[at])
+            for first, at in groups}
 
 
 def cdf_figure(rows: list[dict], forget_set: str, table: pa.Table) -> Figure:
@@ -524,12 +535,17 @@ def worst_samples(table: pa.Table, method: str, params: str, epoch: int, k: int 
                   ) -> list[tuple[str, int, float]]:
     """The ``k`` samples of a (method, params, epoch) with the highest per-sample KLOM over all three splits:
     (split, sample id, KLOM), worst first; ties broken by split then id, so the choice is stable."""
-    found = []
-    for (m, p, e, split), (ids, klom) in _per_sample_values(table).items():
-        if (m, p, e) == (method, params, epoch):
-            found += [(split, int(i), float(v)) for i, v in zip(ids, klom, strict=True)]
-    found.sort(key=lambda t: (-t[2], SPLITS.index(t[0]) if t[0] in SPLITS else 9, t[1]))
-    return found[:k]
+    import numpy as np
+    import pyarrow.compute as pc
+
+    mine = table.filter(pc.and_(pc.and_(pc.equal(table.column("method"), method),
+                                        pc.equal(table.column("params"), params)),
+                                pc.equal(table.column("epoch"), epoch)))
+    splits = mine.column("split").to_pylist()
+    ids, klom = mine.column("sample_id").to_numpy(), mine.column("klom").to_numpy().astype(np.float64)
+    rank = np.array([SPLITS.index(s) if s in SPLITS else 9 for s in splits], dtype=np.int64)
+    worst = np.lexsort((ids, rank, -klom))[:k]  # the last key is the primary one
+    return [(splits[i], int(ids[i]), float(klom[i])) for i in worst]
 
 
 def _newest(units: list) -> list:
