@@ -22,9 +22,15 @@ import io
 import json
 import logging
 import math
+import os
+import pickle
 import re
 import struct
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # matplotlib, numpy, pyarrow and the store are imported only when a report is written
@@ -242,6 +248,30 @@ def _klom_axis(ax: Axes, values: list[float | None], which: str, label: str) -> 
         set_label(label)
 
 
+PLOT_TIMEOUT_S = 300  # a figure takes 0.5-3 s to draw; far past that its helper is stuck, not slow
+
+
+def _render_processes() -> int:
+    """Helper processes that draw the report's PNGs: one per CPU, up to 2 (the page keeps building meanwhile);
+    0 with one CPU, off Linux (fork is the only start that does not re-run the caller's script, and only Linux's
+    is safe), or in a process connected to Ray (a forked child would share its gRPC connections)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        return 0
+    cpus = len(os.sched_getaffinity(0))
+    return min(2, cpus) if cpus > 1 else 0
+
+
+def _png_of_pickled(blob: bytes) -> bytes:
+    return _png(pickle.loads(blob))
+
+
+def _placeholder(name: str) -> str:
+    return f"<!--raybench-plot:{name}-->"
+
+
 def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)  # constrained layout already fits the figure: one draw
@@ -350,6 +380,24 @@ def _mantissa_label(value: float, _: object = None) -> str:
     return f"${mantissa:g}\\times10^{{{exponent}}}$" if mantissa in (2, 5) else ""
 
 
+# module-level, not lambdas: a figure is pickled to be drawn in a helper process (``_Page``)
+def _divide(value: float, by: float) -> float:
+    return value / by
+
+
+def _multiply(value: float, by: float) -> float:
+    return value * by
+
+
+def _plain_label(value: float, _: object = None) -> str:
+    return f"{value:g}"
+
+
+def _plain_mantissa_label(value: float, _: object = None) -> str:
+    """The secondary axis' minor label: plain, at the ticks ``_mantissa_label`` labels."""
+    return f"{value:g}" if _mantissa_label(value) else ""
+
+
 def compute_figure(rows: list[dict], forget_set: str) -> ComputePlot:
     """P95 KLOM against compute, one panel per split, like EasyDUB's figure: x = ``grad_samples`` (samples per
     model forwarded with gradients, log), every retrain row (its ``budget`` sweep, or its epochs) joined by one
@@ -423,10 +471,9 @@ def compute_figure(rows: list[dict], forget_set: str) -> ComputePlot:
         ax.xaxis.set_minor_formatter(FuncFormatter(_mantissa_label) if narrow else NullFormatter())
         ax.set_xlabel("compute: samples per model forwarded with gradients (log)")
         if n_retain:
-            top = ax.secondary_xaxis("top", functions=(lambda w, n=n_retain: w / n, lambda p, n=n_retain: p * n))
-            top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            top.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _mantissa_label(v) else "")
-                                          if narrow else NullFormatter())
+            top = ax.secondary_xaxis("top", functions=(partial(_divide, by=n_retain), partial(_multiply, by=n_retain)))
+            top.xaxis.set_major_formatter(FuncFormatter(_plain_label))
+            top.xaxis.set_minor_formatter(FuncFormatter(_plain_mantissa_label) if narrow else NullFormatter())
             top.set_xlabel(f"= passes over the retain set ({n_retain} samples)", fontsize=8)
         ax.set_title(split, fontsize=10)
         ax.grid(which="major", alpha=0.3)
@@ -909,18 +956,85 @@ def _metrics_section(rows: list[dict], forget_set: str, settings: dict | None) -
 
 @dataclass
 class _Page:
-    """What the page collects while its plots are written: images (path, alt, size) and notes per section."""
+    """What the page collects while its plots are drawn: images (name, alt, caption) and notes per section.
+
+    Drawing a PNG is most of a report's time and holds the GIL, so each figure is pickled to a pool of forked
+    helper processes as soon as it is built and the page goes on building the next; ``finish`` writes the PNGs and
+    puts each ``<figure>`` (its size read from the PNG) where ``image`` left a placeholder. A figure that cannot be
+    pickled, or whose helper died, is drawn here: the bytes are the same either way (one matplotlib, one Agg).
+    """
 
     store: RunStore
     written: list[str] = field(default_factory=list)
+    pending: dict[str, tuple[Figure, Future | None, str, str]] = field(default_factory=dict)
+    pool: ProcessPoolExecutor | None = None
+    helpers: bool = True  # False once the pool broke: the rest is drawn here
 
     def image(self, name: str, fig: Figure, alt: str, caption: str) -> str:
-        data = _png(fig)
-        self.store.write_bytes(self.store.path("plots", name), data)
+        self.pending[name] = (fig, self._submit(fig), alt, caption)
         self.written.append(name)
-        width, height = png_size(data)
-        return (f'<figure><img src="plots/{_esc(name)}" alt="{_esc(alt)}" width="{width}" height="{height}">'
-                f"<figcaption>{caption}</figcaption></figure>")
+        return _placeholder(name)
+
+    def _submit(self, fig: Figure) -> Future | None:
+        if self.pool is None and self.helpers and _render_processes() > 1:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(_render_processes(), mp_context=multiprocessing.get_context("fork"))
+        if self.pool is None:
+            return None
+        try:
+            blob = pickle.dumps(fig)
+        except (pickle.PicklingError, TypeError, AttributeError) as err:
+            log.debug("figure not picklable (%s): drawn in this process", err)
+            return None
+        try:
+            return self.pool.submit(_png_of_pickled, blob)
+        except BrokenProcessPool as err:  # a helper died earlier: no more helpers for this page
+            log.warning("the report's helper processes died (%s): drawing the remaining plots here", err)
+            self.close()
+            self.helpers = False
+            return None
+
+    def finish(self, page_html: str) -> str:
+        """Write every queued PNG and return ``page_html`` with each placeholder replaced by its figure."""
+        for name, (fig, future, alt, caption) in self.pending.items():
+            data = self._drawn(name, future) if future is not None else None
+            data = data if data is not None else _png(fig)
+            self.store.write_bytes(self.store.path("plots", name), data)
+            width, height = png_size(data)
+            page_html = page_html.replace(_placeholder(name), (
+                f'<figure><img src="plots/{_esc(name)}" alt="{_esc(alt)}" width="{width}" height="{height}">'
+                f"<figcaption>{caption}</figcaption></figure>"))
+        self.pending.clear()
+        return page_html
+
+    def _drawn(self, name: str, future: Future) -> bytes | None:
+        """The helper's PNG of plot ``name``, or None to draw it here (the helpers stopped, hung or died)."""
+        if not self.helpers and not future.done():
+            return None
+        try:
+            return future.result(timeout=PLOT_TIMEOUT_S)
+        except TimeoutError:  # a helper that hangs (a lock a forked child inherited taken): stop them all
+            log.warning("plot %s not drawn by its helper process in %d s: drawing it and the rest here", name,
+                        PLOT_TIMEOUT_S)
+            self.close(kill=True)
+        except BrokenProcessPool as err:  # a helper was killed: the figure is still here
+            if self.helpers:
+                log.warning("plot %s not drawn by its helper process (%s): drawing it and the rest here", name, err)
+            self.close()
+        self.helpers = False
+        return None
+
+    def close(self, kill: bool = False) -> None:
+        """End the helper processes; ``kill``: without waiting for the one drawing (Python 3.11's pool has no
+        public way to stop a running call, hence its process table)."""
+        if self.pool is None:
+            return
+        if kill:
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.kill()
+        self.pool.shutdown(wait=not kill, cancel_futures=True)
+        self.pool = None
 
     def remove_stale(self) -> None:
         """Delete images of earlier reports that this one did not write again (only this module's names)."""
@@ -971,10 +1085,17 @@ def write_report(store: RunStore, summary: dict) -> str:
     """``report.html`` and ``plots/*.png`` in the run folder, from a summary (``summary.json``'s content) and
     whatever else the folder holds (per_sample/, convergence.csv); every section the folder lacks says so.
     Returns the page's path."""
+    page = _Page(store)
+    try:
+        return _write_page(store, summary, page)
+    finally:
+        page.close()  # the helper processes end with the report, whatever it raised
+
+
+def _write_page(store: RunStore, summary: dict, page: _Page) -> str:
     all_rows = summary["rows"]
     rows, _ = _split_selected(all_rows)  # every plot and table but the selection's reads the full ensembles
     forget_sets = list(dict.fromkeys(r["forget_set"] for r in rows))
-    page = _Page(store)
     direction = summary.get("kl_direction") or "unlearned-oracle"
     has_ci = any(_num(r.get("klom_p95_ci_low")) is not None for r in rows)
     try:
@@ -1117,5 +1238,5 @@ recipe already differ by the noise floor (the <code>{FLOOR}</code> row), so read
 </body></html>
 """
     path = store.path("report.html")
-    store.write_bytes(path, page_html.encode())
+    store.write_bytes(path, page.finish(page_html).encode())
     return path

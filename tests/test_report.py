@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import html
 import json
+import multiprocessing
+import os
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -308,3 +311,72 @@ def test_raybench_report_rewrites_the_page_from_summary_json(full, tmp_path):
     assert result.exit_code == 0, result.output
     page = (Path(folder.store.root) / "report.html").read_text()
     assert len(page_images(page)) == 5 and "[" in page
+
+
+def _written(folder) -> dict[str, bytes]:
+    root = Path(folder.store.uri)
+    return {p.name: p.read_bytes() for p in [root / "report.html", *sorted((root / "plots").glob("*.png"))]}
+
+
+def _helper_dies(blob: bytes) -> bytes:  # module-level: the pool pickles it by name
+    os._exit(3)
+
+
+def _helper_hangs(blob: bytes) -> bytes:
+    time.sleep(600)
+    return b""
+
+
+def test_plots_drawn_by_helper_processes_are_byte_identical_to_plots_drawn_here(tmp_path, monkeypatch):
+    folder = synthetic_folder(str(tmp_path / "run"), seed=1)
+    summary = add_contract_outputs(folder)
+    here = []
+    draw = report._png
+    monkeypatch.setattr(report, "_png", lambda fig: here.append(fig) or draw(fig))  # counts this process' draws
+    monkeypatch.setattr(report, "_render_processes", lambda: 2)
+    report.write_report(folder.store, summary)
+    pooled = _written(folder)
+    assert len(pooled) >= 5 and not here  # every plot, none drawn by this process
+    monkeypatch.setattr(report, "_render_processes", lambda: 0)
+    report.write_report(folder.store, summary)
+    assert len(here) == len(pooled) - 1 and _written(folder) == pooled
+
+
+def test_a_plot_whose_helper_died_or_that_cannot_be_pickled_is_drawn_here(tmp_path, monkeypatch, caplog):
+    folder = synthetic_folder(str(tmp_path / "run"))  # the summary alone: three plots
+    summary = folder.summary
+    monkeypatch.setattr(report, "_render_processes", lambda: 0)
+    report.write_report(folder.store, summary)
+    expected = _written(folder)
+    monkeypatch.setattr(report, "_render_processes", lambda: 2)
+    monkeypatch.setattr(report, "_png_of_pickled", _helper_dies)
+    with caplog.at_level("WARNING", logger="raybench.report"):
+        report.write_report(folder.store, summary)
+    assert _written(folder) == expected
+    assert "helper process" in caplog.text and "drawing" in caplog.text
+
+    caplog.clear()  # a helper that hangs is killed, and the plots drawn here
+    monkeypatch.setattr(report, "_png_of_pickled", _helper_hangs)
+    monkeypatch.setattr(report, "PLOT_TIMEOUT_S", 1)
+    children = set(multiprocessing.active_children())
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="raybench.report"):
+        report.write_report(folder.store, summary)
+    assert _written(folder) == expected and time.monotonic() - t0 < 60
+    assert "in 1 s: drawing it and the rest here" in caplog.text
+    assert not set(multiprocessing.active_children()) - children  # no helper left behind
+
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(2, 1))
+    fig.subplots().xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"<{v:g}>"))  # a lambda: not picklable
+    page = report._Page(folder.store)
+    try:
+        snippet = page.image("lambda.png", fig, "alt", "caption")
+        assert page.pending["lambda.png"][1] is None  # drawn here, not queued to a helper
+        done = page.finish(f"<body>{snippet}</body>")
+    finally:
+        page.close()
+    data = (Path(folder.store.uri) / "plots" / "lambda.png").read_bytes()
+    assert data == report._png(fig) and 'width="200" height="100"' in done
