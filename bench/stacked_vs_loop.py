@@ -21,12 +21,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from throughput_common import STACKED  # timed as named: on CUDA `auto` could pick the per-model path
 from torch import nn
 
 from raybench.data import load_dataset
 from raybench.models import StackedModel, build_stack
 from raybench.training import (
-    Execution,
     Recipe,
     compute_margins,
     data_order_seed,
@@ -34,8 +34,6 @@ from raybench.training import (
     lr_multiplier,
     train_stack,
 )
-
-STACKED = Execution(path="stacked")  # timed as named: on CUDA `auto` could pick the per-model path
 
 
 def sync(device: torch.device) -> None:

@@ -117,6 +117,11 @@ class UnitContext:
         return {"train": train[0], "val": val[0]}, {"train": train[1], "val": val[1]}
 
 
+def _compute_seconds(t0: float, training: dict) -> float:
+    """Seconds since ``t0`` less what the process pays once per shape: compile warm-up, the ``auto`` path's timing."""
+    return time.perf_counter() - t0 - training["compile_s"] - training["calibration_s"]
+
+
 def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
     """Do the unit's work; return its margins rows and its manifest metadata (timings, shapes).
 
@@ -134,7 +139,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         rows = torch.tensor(np.stack([subset_indices(s, fraction, ctx.dataset.n_train) for s in unit.seeds]),
                             device=ctx.device)
         training = ctx.train(stack, ctx.x_train, ctx.y_train, subsets=rows)
-        compute_s = time.perf_counter() - t0 - training["compile_s"] - training["calibration_s"]
+        compute_s = _compute_seconds(t0, training)
         work.append((grad_samples(), compute_s))
         logits = compute_logits(stack, ctx.x_train, ctx.y_train)
         # the logit datamodel's input, written before the unit reports success (as checkpoints are)
@@ -154,7 +159,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> tuple[pa.Table, dict]:
         if unit.role in ("original", "matching_oracle"):
             # Checkpoint before the unit reports success: an unlearn unit that depends on it can then rely on it.
             ctx.store.write_checkpoint(unit.id, {"seeds": list(unit.seeds), "state": stack.state_dict()})
-        compute_s = time.perf_counter() - t0 - training["compile_s"] - training["calibration_s"]
+        compute_s = _compute_seconds(t0, training)
         work.append((grad_samples(), compute_s))
         tables.append(_table(unit, ctx, ctx.recipe.epochs, ctx.scores(stack)))
     else:
