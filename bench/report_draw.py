@@ -44,9 +44,11 @@ def main() -> None:
             seconds, outputs[n] = _draw(store, summary, n)
             times[n].append(seconds)
     here, pooled = min(times[0]), min(times[helpers])
-    print(f"{len(outputs[0]) - 1} plots; drawn here {here:.1f} s, by {helpers} helper processes {pooled:.1f} s "
-          f"(best of {args.repeats}): {here / pooled:.2f}x; same bytes: {outputs[0] == outputs[helpers]}")
-    print("differ:", [k for k in outputs[0] if outputs[0][k] != outputs[helpers].get(k)])
+    a, b = outputs[0], outputs[helpers]
+    differ = sorted(set(a) ^ set(b) | {name for name in a if a[name] != b.get(name)})  # named, to find out why
+    same = "yes" if not differ else "no: " + ", ".join(differ)
+    print(f"{len(a) - 1} plots; drawn here {here:.1f} s, by {helpers} helper processes {pooled:.1f} s "
+          f"(best of {args.repeats}): {here / pooled:.2f}x; same bytes: {same}")
 
 
 if __name__ == "__main__":

@@ -257,8 +257,8 @@ def _render_processes() -> int:
     is safe), or in a process connected to Ray (a forked child would share its gRPC connections)."""
     if not sys.platform.startswith("linux"):
         return 0
-    ray = sys.modules.get("ray")
-    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+    ray = sys.modules.get("ray")  # never imported here: a report needs no Ray
+    if ray is not None and ray.is_initialized():
         return 0
     cpus = len(os.sched_getaffinity(0))
     return min(2, cpus) if cpus > 1 else 0
@@ -976,10 +976,10 @@ class _Page:
         return _placeholder(name)
 
     def _submit(self, fig: Figure) -> Future | None:
-        if self.pool is None and self.helpers and _render_processes() > 1:
+        if self.pool is None and self.helpers and (n := _render_processes()) > 1:
             import multiprocessing
 
-            self.pool = ProcessPoolExecutor(_render_processes(), mp_context=multiprocessing.get_context("fork"))
+            self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
         if self.pool is None:
             return None
         try:
@@ -990,9 +990,7 @@ class _Page:
         try:
             return self.pool.submit(_png_of_pickled, blob)
         except BrokenProcessPool as err:  # a helper died earlier: no more helpers for this page
-            log.warning("the report's helper processes died (%s): drawing the remaining plots here", err)
-            self.close()
-            self.helpers = False
+            self._stop_helpers(f"the report's helper processes died ({err}): drawing the remaining plots here")
             return None
 
     def finish(self, page_html: str) -> str:
@@ -1015,15 +1013,18 @@ class _Page:
         try:
             return future.result(timeout=PLOT_TIMEOUT_S)
         except TimeoutError:  # a helper that hangs (a lock a forked child inherited taken): stop them all
-            log.warning("plot %s not drawn by its helper process in %d s: drawing it and the rest here", name,
-                        PLOT_TIMEOUT_S)
-            self.close(kill=True)
+            self._stop_helpers(f"plot {name} not drawn by its helper process in {PLOT_TIMEOUT_S} s: drawing it and "
+                               "the rest here", kill=True)
         except BrokenProcessPool as err:  # a helper was killed: the figure is still here
-            if self.helpers:
-                log.warning("plot %s not drawn by its helper process (%s): drawing it and the rest here", name, err)
-            self.close()
-        self.helpers = False
+            self._stop_helpers(f"plot {name} not drawn by its helper process ({err}): drawing it and the rest here")
         return None
+
+    def _stop_helpers(self, why: str, kill: bool = False) -> None:
+        """No more helpers for this page: say why (once), end them, draw the rest here."""
+        if self.helpers:
+            log.warning(why)
+        self.close(kill=kill)
+        self.helpers = False
 
     def close(self, kill: bool = False) -> None:
         """End the helper processes; ``kill``: without waiting for the one drawing (Python 3.11's pool has no
