@@ -130,6 +130,30 @@ def test_compute_margins_on_a_stack(digits):
     assert compute_margins(stack, x[:0], y[:0]).shape == (2, 0)
 
 
+@pytest.mark.parametrize(("arch", "m"), [("mlp", 3), ("mlp", 20), ("mlp", 130), ("cnn", 20)])  # 130: minimum batch
+def test_default_cpu_batches_give_the_bits_of_one_batch(digits, arch, m):
+    """Stored margins carry no record of the batches they were scored in (MARGINS_VERSION does not cover them), so
+    the default CPU batches must give a sample the bits of one batch of every sample, whatever M."""
+    x, y, _, _ = digits
+    stack = build_stack(arch, range(m), (1, 8, 8), 10)
+    batches = training._eval_batches(stack, len(y), None)
+    sizes = [stop - start for start, stop in batches]
+    assert batches[0][0] == 0 and batches[-1][1] == len(y) and sum(sizes) == len(y)
+    assert all(a[1] == b[0] for a, b in zip(batches, batches[1:], strict=False))
+    assert max(sizes) <= max(training.CPU_EVAL_MIN_BATCH, training.CPU_EVAL_BUDGET // m)
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= training.CPU_EVAL_MIN_BATCH // 2
+    assert len(batches) > 1 or m == 3
+    whole = compute_scores(stack, x, y, batch_size=len(y))
+    for got, want in zip(compute_scores(stack, x, y), whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_explicit_eval_batches_step_through_the_samples(digits):
+    stack = build_stack("mlp", [0, 1], (1, 8, 8), 10)
+    assert training._eval_batches(stack, 300, 128) == [(0, 128), (128, 256), (256, 300)]
+    assert training._eval_batches(stack, 0, None) == []
+
+
 # -- recipe and schedule ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,54 @@
+"""Score one snapshot (train + val margins and top-1 margins) of a digits stack, as a CPU worker does after every
+unit, with the default CPU batches (``CPU_EVAL_BUDGET`` samples × models) against the baseline of one batch of
+up to 4,096 samples (the default before); prints seconds, the ratio and whether the bits agree.
+
+    python bench/eval_batch.py [--models 50] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from raybench.data import load_dataset
+from raybench.models import build_stack
+from raybench.training import compute_scores
+
+BASELINE_BATCH = 4096
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5, help="timed snapshots per setting (best is kept)")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # as a CPU worker
+    ds = load_dataset("digits")
+    splits = [(torch.tensor(ds.x_train), torch.tensor(ds.y_train)), (torch.tensor(ds.x_val), torch.tensor(ds.y_val))]
+    for arch in ("mlp", "cnn"):
+        stack = build_stack(arch, range(args.models), ds.input_shape, ds.num_classes)
+
+        def snapshot(batch_size: int | None, stack: torch.nn.Module = stack) -> tuple[float, list[np.ndarray]]:
+            t0 = time.perf_counter()
+            out = [a for x, y in splits for a in compute_scores(stack, x, y, batch_size=batch_size)]
+            return time.perf_counter() - t0, out
+
+        snapshot(None), snapshot(BASELINE_BATCH)  # warm-up
+        best = {"default": float("inf"), "baseline": float("inf")}
+        for _ in range(args.repeats):  # alternating, so that the box's drift hits both
+            for name, batch in (("default", None), ("baseline", BASELINE_BATCH)):
+                seconds, out = snapshot(batch)
+                best[name] = min(best[name], seconds)
+                if name == "default":
+                    default_out = out
+                else:
+                    same = all(np.array_equal(a, b) for a, b in zip(default_out, out, strict=True))
+        print(f"{args.models} {arch}: default batches {best['default']:.3f} s, one batch {best['baseline']:.3f} s "
+              f"-> {best['baseline'] / best['default']:.2f}x; bits identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
