@@ -47,7 +47,14 @@ id: bump it when stored margins of the same models would change."""
 # equals any model's initialisation seed.
 DATA_ORDER_SEED_OFFSET = 1 << 31
 
-_FUSED_SGD_DEVICES = ("cuda",)
+FUSED_CPU_BLOCK = 16
+"""On the CPU a parameter takes torch's fused SGD step (one pass over parameter, gradient and momentum instead of
+four: the step's share of a digits unit falls from about 24 % to 9 %, bench/RESULTS.md) only when each model's
+block of it holds a multiple of this many elements. The fused kernel updates runs of 16 floats (64 bytes) with
+vector instructions and the remainder element by element, which rounds otherwise: with whole runs per model, no
+element of any model falls in a remainder, so a model still trains bit for bit alike alone and in a stack of any
+size. A parameter with a ragged block (the MLP's 10-class output bias) takes the per-op step. The vector runs
+round as the per-op step does: the default run's summary.csv stayed byte-identical, so TRAINING_VERSION stands."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _sgd_groups(stack: StackedModel) -> list[dict]:
+    """The stack's parameters as SGD groups: all fused on CUDA (fewer launches); on the CPU fused where every
+    model's block is whole runs of ``FUSED_CPU_BLOCK`` elements, the rest per-op."""
+    params = list(stack.parameters())
+    if params[0].device.type == "cuda":
+        return [{"params": params, "fused": True}]
+    whole = [p[0].numel() % FUSED_CPU_BLOCK == 0 for p in params]
+    groups = [{"params": [p for p, w in zip(params, whole, strict=True) if w == fused], "fused": fused}
+              for fused in (True, False)]
+    return [g for g in groups if g["params"]]
+
+
 class _EpochRunner:
     """One SGD over one stack (optimiser, schedule, per-model data order): the state ``train_stack`` steps."""
 
@@ -231,12 +250,8 @@ class _EpochRunner:
         self.batch = recipe.batch_size
         self.iters_per_epoch = math.ceil(self.n / self.batch)
         total = recipe.epochs * self.iters_per_epoch
-        # On CUDA the fused kernel saves launches. On the CPU it is only ~10% faster for an MLP stack, and its
-        # vectorised/scalar split depends on where a model's weights sit in the stack, which would break the
-        # bit-for-bit independence of a model from its neighbours; the per-op update keeps it.
-        self.optimizer = torch.optim.SGD(stack.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                         weight_decay=recipe.weight_decay,
-                                         fused=param.device.type in _FUSED_SGD_DEVICES)
+        self.optimizer = torch.optim.SGD(_sgd_groups(stack), lr=recipe.lr, momentum=recipe.momentum,
+                                         weight_decay=recipe.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, total, recipe.warmup_fraction))
         self.generators = [torch.Generator().manual_seed(data_order_seed(s)) for s in seeds]

@@ -242,6 +242,17 @@ def test_a_model_does_not_depend_on_its_neighbours(digits, arch):
                 torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_sgd_fuses_only_parameters_whose_model_blocks_are_whole_vector_runs():
+    """A ragged block (the 10-class output bias) would put some models' elements in the fused kernel's scalar
+    remainder, which rounds otherwise: the neighbour test above fails if it is fused."""
+    stack = build_stack("mlp", range(9), (1, 8, 8), 10)
+    fused, plain = training._sgd_groups(stack)
+    assert fused["fused"] and not plain["fused"]
+    assert [p.shape for p in plain["params"]] == [stack.fc3.bias.shape]
+    assert len(fused["params"]) == len(list(stack.parameters())) - 1
+    assert all(p[0].numel() % training.FUSED_CPU_BLOCK == 0 for p in fused["params"])
+
+
 def test_train_stack_equals_a_plain_per_model_loop(digits):
     """The documented semantics, spelled out for one model at a time with ordinary PyTorch."""
     x, y, _, _ = digits
