@@ -228,10 +228,10 @@ def _sync(device: torch.device) -> None:
 
 def _sgd_groups(stack: StackedModel) -> list[dict]:
     """The stack's parameters as SGD groups: all fused on CUDA (fewer launches); on the CPU fused where every
-    model's block is whole runs of ``FUSED_CPU_BLOCK`` elements, the rest per-op."""
+    model's block is whole runs of ``FUSED_CPU_BLOCK`` elements, the rest per-op; elsewhere all per-op."""
     params = list(stack.parameters())
-    if params[0].device.type == "cuda":
-        return [{"params": params, "fused": True}]
+    if params[0].device.type != "cpu":
+        return [{"params": params, "fused": params[0].device.type == "cuda"}]
     whole = [p[0].numel() % FUSED_CPU_BLOCK == 0 for p in params]
     groups = [{"params": [p for p, w in zip(params, whole, strict=True) if w == fused], "fused": fused}
               for fused in (True, False)]
@@ -448,14 +448,14 @@ def top1_margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 CPU_EVAL_BUDGET = 1 << 13
 """Samples × models per evaluation batch on the CPU for an architecture that sets no ``eval_batch_budget``: 50
-digits MLPs score about 160 samples at a time, so a layer's activations (2.6 MB for 50 MLPs) stay in a core's cache
-instead of streaming through memory: 2.1× faster than one batch of the 1,437 train samples for 50 MLPs and 1.4×
-for 50 CNNs (bench/eval_batch.py)."""
+digits MLPs score about 160 samples at a time, so a layer's activations (4 MB for 50 MLPs, against 37 MB for
+one batch of 1,437) stay in cache instead of streaming through memory: 2.2× faster than one batch of the train
+samples for 50 MLPs and 1.4× for 50 CNNs (bench/eval_batch.py)."""
 
 CPU_EVAL_MIN_BATCH = 64
-"""The fewest samples per CPU evaluation batch, however many models a stack holds. The CPU BLAS multiplies fewer
-than 8 rows with another kernel, whose last bits differ; the default batches are at least half this, so a sample's
-margins are those of one batch of every sample, whatever M (tested)."""
+"""The fewest samples per CPU evaluation batch, however many models a stack holds. The CPU BLAS (MKL, measured)
+multiplies fewer than 8 rows with another kernel, whose last bits differ; the default batches hold at least half
+this, so a sample's margins are those of one batch of every sample, whatever M (tested)."""
 
 CUDA_EVAL_BATCH = 4096  # samples per evaluation batch on CUDA for an architecture without eval_batch_budget
 
