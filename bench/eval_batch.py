@@ -20,6 +20,13 @@ from raybench.training import compute_scores
 BASELINE_BATCH = 4096
 
 
+def _snapshot(stack: torch.nn.Module, splits: list, batch_size: int | None) -> tuple[float, list[np.ndarray]]:
+    """Seconds to score every split, and the scores."""
+    t0 = time.perf_counter()
+    out = [a for x, y in splits for a in compute_scores(stack, x, y, batch_size=batch_size)]
+    return time.perf_counter() - t0, out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=int, default=50)
@@ -30,17 +37,11 @@ def main() -> None:
     splits = [(torch.tensor(ds.x_train), torch.tensor(ds.y_train)), (torch.tensor(ds.x_val), torch.tensor(ds.y_val))]
     for arch in ("mlp", "cnn"):
         stack = build_stack(arch, range(args.models), ds.input_shape, ds.num_classes)
-
-        def snapshot(batch_size: int | None, stack: torch.nn.Module = stack) -> tuple[float, list[np.ndarray]]:
-            t0 = time.perf_counter()
-            out = [a for x, y in splits for a in compute_scores(stack, x, y, batch_size=batch_size)]
-            return time.perf_counter() - t0, out
-
-        snapshot(None), snapshot(BASELINE_BATCH)  # warm-up
+        _snapshot(stack, splits, None), _snapshot(stack, splits, BASELINE_BATCH)  # warm-up
         best = {"default": float("inf"), "baseline": float("inf")}
         for _ in range(args.repeats):  # alternating, so that the box's drift hits both
             for name, batch in (("default", None), ("baseline", BASELINE_BATCH)):
-                seconds, out = snapshot(batch)
+                seconds, out = _snapshot(stack, splits, batch)
                 best[name] = min(best[name], seconds)
                 if name == "default":
                     default_out = out
