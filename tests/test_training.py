@@ -283,6 +283,28 @@ def test_train_stack_equals_a_plain_per_model_loop(digits):
             torch.testing.assert_close(stack.unstack(i).state_dict()[k], v, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_loss_is_the_cross_entropy_of_the_real_classes(digits):
+    """The -inf class padding (CPU_LOSS_CLASS_BLOCK) changes neither the loss nor any gradient beyond rounding:
+    restated model by model with F.cross_entropy on the unpadded logits (padding with 0 would add 6 classes)."""
+    x, y, _, _ = digits
+    stack = build_stack("mlp", [3, 4, 5], (1, 8, 8), 10)
+    idx = torch.stack([torch.randperm(len(y), generator=torch.Generator().manual_seed(s))[:29] for s in range(3)])
+    training._stack_loss(stack, x[idx], y[idx], None).backward()
+    grads = [p.grad.clone() for p in stack.parameters()]
+    expected = 0.0
+    for m in range(3):
+        model = stack.unstack(m)
+        loss = F.cross_entropy(model(x[idx[m]]), y[idx[m]])
+        loss.backward()
+        expected += loss.item()
+        reference = [t for layer in model if isinstance(layer, torch.nn.Linear)
+                     for t in (layer.weight.grad.t(), layer.bias.grad)]  # the stack's (in, out) weight layout
+        for g, r in zip(grads, reference, strict=True):
+            torch.testing.assert_close(g[m], r, atol=1e-6, rtol=1e-5)
+    stack.zero_grad()
+    torch.testing.assert_close(training._stack_loss(stack, x[idx], y[idx], None).item(), expected, atol=1e-5, rtol=0)
+
+
 def test_data_order_stream_is_not_an_init_stream():
     seeds = range(0, 2**31, 2**27)
     data_seeds = {data_order_seed(s) for s in seeds}
