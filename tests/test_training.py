@@ -371,6 +371,36 @@ def test_per_model_path_trains_the_stacked_models_bit_for_bit(digits):
         assert all(np.array_equal(u, v) for u, v in zip(seen["stacked"], seen["per_model"], strict=True))
 
 
+def test_auto_trains_a_large_stack_on_the_cpu_in_parts_bit_for_bit(digits, monkeypatch):
+    """Parts of at most CPU_TRAIN_PART models (here 2: five models in parts of 2, 1, 2) give the models, the
+    per-epoch margins and the work count of one stacked step."""
+    monkeypatch.setattr(training, "CPU_TRAIN_PART", 2)
+    x, seeds = digits[0], (2, 7, 1, 9, 4)
+    rows = torch.stack([torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:700] for s in seeds])
+    for kw in ({}, {"subsets": rows}):
+        seen: dict = {"stacked": [], "auto": []}
+        runs = {path: _train(digits, Execution(path=path), seeds, on_epoch_end=lambda e, s, p=path, seen=seen:
+                             seen[p].append(compute_margins(s, x, digits[1])), **kw) for path in seen}
+        (a, sa, ga), (b, sb, gb) = runs["stacked"], runs["auto"]
+        assert (sa["parts"], sb["path"], sb["parts"]) == (1, "stacked", 3)
+        assert all(torch.equal(p, q) for p, q in zip(params(a), params(b), strict=True))
+        assert ga == gb > 0
+        assert len(seen["auto"]) == SHORT.epochs
+        assert all(np.array_equal(u, v) for u, v in zip(seen["stacked"], seen["auto"], strict=True))
+
+
+def test_cpu_parts_are_near_equal_and_cover_the_stack():
+    auto, cpu = Execution(), torch.device("cpu")
+    for m in (1, 24, 25, 26, 50, 51, 101):
+        bounds = training._part_bounds(m, cpu, auto, "stacked")
+        sizes = [stop - start for start, stop in bounds]
+        assert [a for a, _ in bounds] + [m] == [0] + [b for _, b in bounds]  # contiguous, from 0 to m
+        assert len(bounds) == math.ceil(m / training.CPU_TRAIN_PART) and max(sizes) - min(sizes) <= 1
+    assert training._part_bounds(50, cpu, Execution(path="stacked"), "stacked") == [(0, 50)]  # forced: one step
+    assert training._part_bounds(50, torch.device("cuda"), auto, "stacked") == [(0, 50)]  # CUDA: what was timed
+    assert training._part_bounds(3, cpu, auto, "per_model") == [(0, 1), (1, 2), (2, 3)]
+
+
 def test_auto_is_stacked_on_the_cpu_and_otherwise_follows_the_timing(digits, monkeypatch):
     stack, stats, counted = _train(digits, Execution())
     assert stats["path"] == "stacked" and stats["calibration_s"] == 0 and "calibration" not in stats
