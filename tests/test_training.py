@@ -372,7 +372,7 @@ def test_per_model_path_trains_the_stacked_models_bit_for_bit(digits):
 
 
 def test_auto_trains_a_large_stack_on_the_cpu_in_parts_bit_for_bit(digits, monkeypatch):
-    """Parts of at most CPU_TRAIN_PART models (here 2: five models in parts of 2, 1, 2) give the models, the
+    """Parts of at most CPU_TRAIN_PART models (here 2: five models in parts of 1, 2, 2) give the models, the
     per-epoch margins and the work count of one stacked step."""
     monkeypatch.setattr(training, "CPU_TRAIN_PART", 2)
     x, seeds = digits[0], (2, 7, 1, 9, 4)
