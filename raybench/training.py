@@ -211,14 +211,19 @@ def data_order_seed(seed: int) -> int:
     return (seed + DATA_ORDER_SEED_OFFSET) % (1 << 32)
 
 
+def _pad_classes(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (..., C) padded with -inf to whole runs of ``CPU_LOSS_CLASS_BLOCK`` classes (its docstring)."""
+    return F.pad(logits, (0, -logits.shape[-1] % CPU_LOSS_CLASS_BLOCK), value=float("-inf"))
+
+
 def _stack_loss(stack: StackedModel, xb: torch.Tensor, yb: torch.Tensor, autocast: torch.dtype | None
                 ) -> torch.Tensor:
     """Sum over models of each model's mean cross-entropy: each model's gradient is exactly its own, whatever M.
-    On the CPU the logits are padded with -inf to whole runs of ``CPU_LOSS_CLASS_BLOCK`` classes (its docstring)."""
+    On the CPU the classes are padded first (``_pad_classes``)."""
     with contextlib.nullcontext() if autocast is None else torch.autocast("cuda", dtype=autocast):
         logits = stack(xb)
         if logits.device.type == "cpu":
-            logits = F.pad(logits, (0, -logits.shape[-1] % CPU_LOSS_CLASS_BLOCK), value=float("-inf"))
+            logits = _pad_classes(logits)
         return F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum") / yb.shape[1]
 
 
