@@ -253,6 +253,34 @@ def test_cpu_sgd_fuses_only_parameters_whose_model_blocks_are_whole_vector_runs(
     assert all(p[0].numel() % training.FUSED_CPU_BLOCK == 0 for p in fused["params"])
 
 
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 5e-4), (0.0, 5e-4), (0.9, 0.0)])
+def test_stack_sgd_steps_as_torch_optim_sgd_with_lambda_lr_bit_for_bit(digits, momentum, weight_decay):
+    """The direct kernel calls of ``_StackSGD`` against ``torch.optim.SGD`` stepped by ``LambdaLR`` over the same
+    groups (fused and per-op), through the first step (momenta made) and the schedule's rise and fall."""
+    x, y, _, _ = digits
+    recipe = Recipe(epochs=1, batch_size=32, lr=0.1, momentum=momentum, weight_decay=weight_decay,
+                    warmup_fraction=0.25)
+    ours, theirs = build_stack("mlp", range(9), (1, 8, 8), 10), build_stack("mlp", range(9), (1, 8, 8), 10)
+    total = 12
+    sgd = training._StackSGD(training._sgd_groups(ours), recipe, total)
+    optimizer = torch.optim.SGD(training._sgd_groups(theirs), lr=recipe.lr, momentum=momentum,
+                                weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total, 0.25))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(total):
+        idx = torch.stack([torch.randperm(len(y), generator=gen)[:32] for _ in range(9)])
+        sgd.zero_grad()
+        training._stack_loss(ours, x[idx], y[idx], None).backward()
+        sgd.step()
+        optimizer.zero_grad()
+        training._stack_loss(theirs, x[idx], y[idx], None).backward()
+        optimizer.step()
+        schedule.step()
+    assert not torch.equal(ours.fc1.weight, build_stack("mlp", range(9), (1, 8, 8), 10).fc1.weight)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_train_stack_equals_a_plain_per_model_loop(digits):
     """The documented semantics, spelled out for one model at a time with ordinary PyTorch."""
     x, y, _, _ = digits
