@@ -1,6 +1,8 @@
 """Score one snapshot (train + val margins and top-1 margins) of a digits stack, as a CPU worker does after every
 unit, with the default CPU batches (``CPU_EVAL_BUDGET`` samples × models) against the baseline of one batch of
-up to 4,096 samples (the default before); prints seconds, the ratio and whether the bits agree.
+up to 4,096 samples (the default before); prints seconds, the ratio and whether the bits agree. Then, for the
+MLP, the scoring forward in place (the default: ReLU and the shared first layer's bias without new buffers)
+against the out-of-place forward before, alternating.
 
     python bench/eval_batch.py [--models 50] [--repeats 5]
 """
@@ -8,13 +10,16 @@ up to 4,096 samples (the default before); prints seconds, the ratio and whether 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from raybench.data import load_dataset
 from raybench.models import build_stack
+from raybench.models.mlp import StackedMLP
 from raybench.training import compute_scores
 
 BASELINE_BATCH = 4096
@@ -25,6 +30,34 @@ def _snapshot(stack: torch.nn.Module, splits: list, batch_size: int | None) -> t
     t0 = time.perf_counter()
     out = [a for x, y in splits for a in compute_scores(stack, x, y, batch_size=batch_size)]
     return time.perf_counter() - t0, out
+
+
+def _out_of_place_forward(self: StackedMLP, x: torch.Tensor, shared: bool) -> torch.Tensor:
+    """The baseline: the MLP's scoring forward before, every activation a new tensor (shared inputs only)."""
+    z = torch.matmul(x.flatten(1), self.fc1.weight) + self.fc1.bias.unsqueeze(1)
+    return self.fc3(F.relu(self.fc2(F.relu(z))))
+
+
+def _in_place_vs_before(models: int, splits: list, repeats: int) -> None:
+    stack = build_stack("mlp", range(models), splits[0][0].shape[1:], 10)
+    in_place = StackedMLP._forward
+    seconds: dict[str, list[float]] = {"in place": [], "before": []}
+    try:
+        for r in range(2 * repeats):
+            for name in (("in place", "before") if r % 2 == 0 else ("before", "in place")):
+                StackedMLP._forward = in_place if name == "in place" else _out_of_place_forward
+                spent, out = _snapshot(stack, splits, None)
+                seconds[name].append(spent)
+                if name == "before":
+                    before = out
+                else:
+                    ours = out
+    finally:
+        StackedMLP._forward = in_place
+    a, b = (statistics.median(seconds[k]) for k in ("in place", "before"))
+    same = all(np.array_equal(u, v) for u, v in zip(ours, before, strict=True))
+    print(f"{models} mlp scoring forward: in place {a:.3f} s, before {b:.3f} s (medians of {2 * repeats}) "
+          f"-> {b / a:.2f}x; bits identical: {same}")
 
 
 def main() -> None:
@@ -49,6 +82,7 @@ def main() -> None:
                     same = all(np.array_equal(a, b) for a, b in zip(default_out, out, strict=True))
         print(f"{args.models} {arch}: default batches {best['default']:.3f} s, one batch {best['baseline']:.3f} s "
               f"-> {best['baseline'] / best['default']:.2f}x; bits identical: {same}")
+    _in_place_vs_before(args.models, splits, args.repeats)
 
 
 if __name__ == "__main__":

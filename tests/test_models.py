@@ -177,3 +177,16 @@ def test_cuda_matches_cpu(arch):
     assert gpu.unstack(1)[0 if arch == "cnn" else 1].weight.device.type == "cuda"
     assert gpu.select([1]).fc2.weight.device.type == "cuda"
     assert concat_stacks([gpu, gpu]).n_models == 4
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_scoring_forward_in_place_has_the_bits_of_the_forward_with_gradients(shared):
+    """Without gradients the MLP computes its activations in place; the logits must be those of the ordinary
+    forward, and the input untouched."""
+    stack = build_stack("mlp", range(5), (1, 8, 8), 10)
+    x = torch.randn(33, 1, 8, 8) if shared else torch.randn(5, 33, 1, 8, 8)
+    kept = x.clone()
+    with torch.no_grad():
+        scored = stack(x)
+    assert torch.equal(scored, stack(x).detach())
+    assert torch.equal(x, kept)

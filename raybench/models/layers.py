@@ -61,7 +61,9 @@ class StackedLinear(nn.Module):
         if pad:
             weight, bias = F.pad(weight, (0, pad)), F.pad(bias, (0, pad))
         if x.dim() == 2:
-            out = torch.matmul(x, weight) + bias.unsqueeze(1)
+            out = torch.matmul(x, weight)
+            # without gradients in place: a fresh (M, B, out) buffer page-faults (models.mlp's forward says more)
+            out = out.add_(bias.unsqueeze(1)) if not torch.is_grad_enabled() else out + bias.unsqueeze(1)
         else:
             out = torch.baddbmm(bias.unsqueeze(1), x, weight)
         return out[..., : self.out_features] if pad else out

@@ -32,8 +32,11 @@ class StackedMLP(StackedModel):
     def _forward(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
         # shared (B, *shape) -> (B, d), which fc1 broadcasts to all models; (M, B, *shape) -> (M, B, d)
         z = x.flatten(1) if shared else x.flatten(2)
-        z = F.relu(self.fc1(z))
-        z = F.relu(self.fc2(z))
+        # Scoring (no gradients) works in place: its batches of activations (4 MB for 50 MLPs) come from fresh
+        # memory that page-faults on first touch, which made half of a unit's margins pass (bench/eval_batch.py).
+        inplace = not torch.is_grad_enabled()
+        z = F.relu(self.fc1(z), inplace=inplace)
+        z = F.relu(self.fc2(z), inplace=inplace)
         return self.fc3(z)
 
     def _assemble_single(self, layers: list[nn.Module]) -> nn.Module:
