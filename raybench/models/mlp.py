@@ -33,7 +33,7 @@ class StackedMLP(StackedModel):
         # shared (B, *shape) -> (B, d), which fc1 broadcasts to all models; (M, B, *shape) -> (M, B, d)
         z = x.flatten(1) if shared else x.flatten(2)
         # Scoring (no gradients) works in place: its batches of activations (4 MB for 50 MLPs) come from fresh
-        # memory that page-faults on first touch, which made half of a unit's margins pass (bench/eval_batch.py).
+        # memory that page-faults on first touch, a sixth to a third of a snapshot's scoring (bench/eval_batch.py).
         inplace = not torch.is_grad_enabled()
         z = F.relu(self.fc1(z), inplace=inplace)
         z = F.relu(self.fc2(z), inplace=inplace)
