@@ -42,20 +42,17 @@ def _in_place_vs_before(models: int, splits: list, repeats: int) -> None:
     stack = build_stack("mlp", range(models), splits[0][0].shape[1:], 10)
     in_place = StackedMLP._forward
     seconds: dict[str, list[float]] = {"in place": [], "before": []}
+    scores = {}
     try:
         for r in range(2 * repeats):
             for name in (("in place", "before") if r % 2 == 0 else ("before", "in place")):
                 StackedMLP._forward = in_place if name == "in place" else _out_of_place_forward
-                spent, out = _snapshot(stack, splits, None)
+                spent, scores[name] = _snapshot(stack, splits, None)
                 seconds[name].append(spent)
-                if name == "before":
-                    before = out
-                else:
-                    ours = out
     finally:
         StackedMLP._forward = in_place
     a, b = (statistics.median(seconds[k]) for k in ("in place", "before"))
-    same = all(np.array_equal(u, v) for u, v in zip(ours, before, strict=True))
+    same = all(np.array_equal(u, v) for u, v in zip(scores["in place"], scores["before"], strict=True))
     print(f"{models} mlp scoring forward: in place {a:.3f} s, before {b:.3f} s (medians of {2 * repeats}) "
           f"-> {b / a:.2f}x; bits identical: {same}")
 
